@@ -1,0 +1,1 @@
+"""chatfleet: an LLM serving platform built from gRPC microservices."""

@@ -1,0 +1,142 @@
+"""The generation core's interface: plain request/response types and the abstract Engine.
+
+The servicer converts protobuf to these types; engines know nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+# A prompt is text, a conversation, or token ids.
+Prompt = str | Sequence[ChatMessage] | Sequence[int]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: Prompt
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingParams = field(default_factory=StoppingParams)
+    # None: no logprobs; k >= 0: the chosen token's logprob plus k alternatives.
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass
+class GenerationChunk:
+    """One streamed piece. The last chunk of a request has finish_reason set."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    is_prompt_echo: bool = False
+    stop_reason: str = ""
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    context_length: int
+    supports_generate: bool
+    supports_chat: bool
+    supports_embeddings: bool
+    aliases: tuple[str, ...] = ()
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    running: int
+    waiting: int
+    capacity: int
+
+
+class Engine(abc.ABC):
+    """One loaded model. Heavy work runs off the event loop; every method here is safe to await
+    from it. Raises services.common.errors types for bad input or overload."""
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> ModelDescription: ...
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load and warm the model. The worker reports SERVING only after every engine started."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Cancel or finish outstanding work and release the model."""
+
+    @abc.abstractmethod
+    def load(self) -> LoadInfo: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream a completion. Closing the iterator (or cancelling the task that consumes it)
+        cancels the request and frees its slot at the next step."""
+
+    @abc.abstractmethod
+    async def tokenize(self, prompt: str | Sequence[ChatMessage]) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """L2-normalised mean-pooled embeddings and the number of tokens read."""
