@@ -1,1 +1,1 @@
-"""Pieces shared by every chatfleet service: errors, config helpers, gRPC server plumbing, logging."""
+"""Pieces shared by every chatfleet service: errors, config, gRPC plumbing, logging."""

@@ -47,7 +47,7 @@ class FlagParser:
         choices: Sequence[Any] | None = None,
         metavar: str | None = None,
     ) -> None:
-        """Add a flag with a default taken from `env` (derived from the first flag when not given)."""
+        """Add a flag whose default comes from `env` (derived from the first flag if not given)."""
         var = env or env_name(flags[0])
         raw = self.environ.get(var)
         value = default
@@ -71,7 +71,9 @@ class FlagParser:
             kwargs["metavar"] = metavar
         self.parser.add_argument(*flags, **kwargs)
 
-    def add_bool(self, *flags: str, default: bool = False, help: str, env: str | None = None) -> None:
+    def add_bool(
+        self, *flags: str, default: bool = False, help: str, env: str | None = None
+    ) -> None:
         """Add an on/off flag (`--x` / `--no-x`) whose default may come from the environment."""
         var = env or env_name(flags[0])
         raw = self.environ.get(var)

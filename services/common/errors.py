@@ -25,4 +25,4 @@ class OverloadedError(ChatfleetError):
 
 
 class UnavailableError(ChatfleetError):
-    """The service cannot take work now: loading, draining or no healthy worker (UNAVAILABLE / 503)."""
+    """Cannot take work now: loading, draining or no healthy worker (UNAVAILABLE / HTTP 503)."""

@@ -38,7 +38,7 @@ def status_code_for(error: ChatfleetError) -> grpc.StatusCode:
 
 
 def to_rpc_status(error: ChatfleetError) -> grpc.Status:
-    """A rich status: code, message and, when a field is at fault, a google.rpc.BadRequest detail."""
+    """A rich status: code, message and, when a field is at fault, a google.rpc.BadRequest."""
     code = status_code_for(error)
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message)
     if error.param:

@@ -1,0 +1,168 @@
+"""Starts chatfleet services as child processes and waits until each reports ready.
+
+Used by `chatfleet up` and by the integration tests, so both exercise the same start-up path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chatfleet.v1 import controller_pb2, controller_pb2_grpc
+from services.common.grpc_server import insecure_channel
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free right now on host (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceExited(RuntimeError):
+    """A service process ended before it became ready."""
+
+
+@dataclass
+class ServiceProcess:
+    """One `chatfleet <service>` child process."""
+
+    name: str
+    args: Sequence[str]
+    env: Mapping[str, str] | None = None
+    log_path: str | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> None:
+        env = dict(os.environ if self.env is None else self.env)
+        stdout = open(self.log_path, "ab") if self.log_path else None
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", self.name, *self.args],
+            env=env,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout else None,
+        )
+        if stdout:
+            stdout.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    async def wait_exit(self, timeout: float | None = None) -> int:
+        """Wait for the process to end and return its exit code."""
+        assert self.process is not None
+        return await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout)
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    async def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not ended within timeout."""
+        if self.process is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return await self.wait_exit(timeout)
+        except TimeoutError:
+            logger.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
+            self.process.kill()
+            return await self.wait_exit(timeout)
+
+    async def _watch_exit(self) -> None:
+        assert self.process is not None
+        code = await asyncio.to_thread(self.process.wait)
+        raise ServiceExited(f"{self.name} exited with code {code} before it was ready")
+
+    async def _until_exit_or(self, waiter: asyncio.Future[None], timeout: float) -> None:
+        watcher = asyncio.ensure_future(self._watch_exit())
+        try:
+            done, _ = await asyncio.wait(
+                {watcher, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                raise TimeoutError(f"{self.name} not ready within {timeout:.0f} s")
+            for task in done:
+                task.result()
+        finally:
+            for task in (watcher, waiter):
+                task.cancel()
+            # The exit watcher's thread ends with the process; don't wait for it here.
+            with contextlib.suppress(asyncio.CancelledError, ServiceExited):
+                await waiter
+
+    async def wait_grpc_serving(self, address: str, timeout: float) -> None:
+        """Ready when the server's grpc.health.v1 Watch says SERVING."""
+        await self._until_exit_or(asyncio.ensure_future(wait_grpc_serving(address)), timeout)
+
+    async def wait_http_ok(self, url: str, timeout: float) -> None:
+        """Ready when GET url answers 200."""
+        await self._until_exit_or(asyncio.ensure_future(wait_http_ok(url)), timeout)
+
+
+async def wait_grpc_serving(address: str, service: str = "") -> None:
+    """Return once the health service at address reports SERVING. The Watch stream pushes every
+    change, so this waits on the server rather than polling; a refused connection is retried
+    with backoff because the process may not be listening yet."""
+    delay = 0.05
+    while True:
+        async with insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                async for reply in stub.Watch(
+                    health_pb2.HealthCheckRequest(service=service), wait_for_ready=True
+                ):
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+async def wait_http_ok(url: str) -> None:
+    """Return once GET url answers 200, retrying refused connections with backoff."""
+    delay = 0.05
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        while True:
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def wait_models_listed(controller_address: str, names: Sequence[str]) -> None:
+    """Return once the controller lists every model in names (a worker registers right after it
+    turns SERVING, so this is usually immediate)."""
+    delay = 0.05
+    async with insecure_channel(controller_address) as channel:
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        while True:
+            reply = await stub.ListModels(controller_pb2.ListModelsRequest(), wait_for_ready=True)
+            if set(names) <= {model.name for model in reply.models}:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
