@@ -101,6 +101,8 @@ class ModelDescription:
     supports_embeddings: bool
     aliases: tuple[str, ...] = ()
     source: str = ""
+    # Applied to the sampling fields a request leaves unset (the model's recommended settings).
+    default_sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Cancel or finish outstanding work and release the model."""
+
+    async def drain(self) -> None:  # noqa: B027 - optional hook with a do-nothing default
+        """Refuse new work (UnavailableError) and return once admitted work has finished.
+        Callers bound it with a grace period, then call stop()."""
 
     @abc.abstractmethod
     def load(self) -> LoadInfo: ...

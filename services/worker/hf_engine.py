@@ -1,0 +1,733 @@
+"""The transformers engine: one engine thread owns the model and runs a scheduler step loop over
+per-request sequences; the event loop side validates, tokenizes (on a helper thread) and reads
+each request's queue, so nothing here blocks asyncio.
+
+Each step: admit waiting requests up to max_running, prefill the new ones, advance every other
+running sequence by one token (`_decode_step`), sample all rows at once, emit, retire. For now
+each sequence keeps its own DynamicCache and `_decode_step` forwards them one by one; only
+`_prefill`/`_decode_step` know that, so one batched forward can replace them later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import inspect
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from transformers import DynamicCache
+
+from services.common.errors import (
+    InvalidRequestError,
+    OverloadedError,
+    UnavailableError,
+)
+from services.worker.detokenizer import (
+    IncrementalDetokenizer,
+    byte_fallback_ids,
+    make_decode_fn,
+)
+from services.worker.embedding import embed_token_ids, tokenize_for_embedding, validate_inputs
+from services.worker.engine import (
+    ChatMessage,
+    Engine,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    LoadInfo,
+    ModelDescription,
+    SamplingParams,
+    StoppingParams,
+    TokenLogprob,
+    TopLogprob,
+)
+from services.worker.loading import EngineOptions, LoadedModel, LoadPlan, ModelKind
+from services.worker.prompts import EncodedPrompt, encode_prompt, validate_messages
+from services.worker.sampling import (
+    MAX_TOP_LOGPROBS,
+    RowLogprobs,
+    SamplingState,
+    sample,
+    validate_sampling,
+)
+from services.worker.stopping import StopStringMatcher
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+QueueItem = GenerationChunk | BaseException
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """One generation request as the engine thread sees it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int  # already capped by the context window
+    min_tokens: int
+    stop_ids: frozenset[int]  # token ids that end the sequence (EOS unless ignore_eos, stop ids)
+    stop_token_ids: frozenset[int]  # the request's own, reported as stop_reason
+    sampling: SamplingState
+    detokenizer: IncrementalDetokenizer
+    matcher: StopStringMatcher
+    # Where chunks go: the request's event loop and queue (None for nobody, e.g. tests).
+    loop: asyncio.AbstractEventLoop | None
+    queue: asyncio.Queue[QueueItem]
+    output_ids: list[int] = field(default_factory=list)
+    cache: Any = None  # the KV cache, created by prefill and dropped on retirement
+    cancelled: bool = False  # set from the event loop; the engine thread retires it next step
+    finished: bool = False  # the final chunk was produced
+    # Tokens whose text is still held back (incomplete character or possible stop string).
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def final_chunk(
+        self, text: str, reason: FinishReason, stop_reason: str = ""
+    ) -> GenerationChunk:
+        chunk = self.take_chunk(text)
+        chunk.finish_reason = reason
+        chunk.prompt_tokens = len(self.prompt_ids)
+        chunk.completion_tokens = len(self.output_ids)
+        chunk.stop_reason = stop_reason
+        self.finished = True
+        return chunk
+
+    def take_chunk(self, text: str) -> GenerationChunk:
+        chunk = GenerationChunk(
+            text=text, token_ids=self.pending_ids, logprobs=self.pending_logprobs
+        )
+        self.pending_ids, self.pending_logprobs = [], []
+        return chunk
+
+
+class EngineState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"  # loading and warming up: only internal requests
+    READY = "ready"
+    DRAINING = "draining"  # finishing admitted work, refusing new work
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class _Job:
+    """A callable to run on the engine thread between steps (embedding forwards)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return  # the caller went away
+        try:
+            self.future.set_result(self.fn())
+        except Exception as exc:  # handed to the awaiting caller, which re-raises it
+            self.future.set_exception(exc)
+
+
+@dataclass
+class Work:
+    """What one engine-thread iteration does."""
+
+    admitted: list[SequenceState]  # to prefill
+    decoding: list[SequenceState]  # already prefilled, to advance by one token
+    jobs: list[_Job]
+
+
+class Scheduler:
+    """Admission queue, running set and engine state, shared by the event loop (submit, cancel,
+    load) and the engine thread (next_work, retire). One Condition guards all of it; the engine
+    thread sleeps on it when idle."""
+
+    def __init__(self, max_running: int, max_waiting: int) -> None:
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._waiting: deque[SequenceState] = deque()
+        self._running: list[SequenceState] = []
+        self._jobs: list[_Job] = []
+        self._drained: list[Callable[[], None]] = []
+        self.state = EngineState.NEW
+
+    # -- event loop side --------------------------------------------------------------------
+
+    def check_accepting(self, *, internal: bool = False) -> None:
+        state = self.state
+        if state is EngineState.READY or (internal and state is EngineState.STARTING):
+            return
+        if state in (EngineState.NEW, EngineState.STARTING):
+            raise UnavailableError("the model is still loading")
+        raise UnavailableError("the model is shutting down")
+
+    def check_capacity(self) -> None:
+        with self._cond:
+            self._check_capacity_locked()
+
+    def submit(self, seq: SequenceState, *, internal: bool = False) -> None:
+        with self._cond:
+            self.check_accepting(internal=internal)
+            self._check_capacity_locked()
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def submit_job(
+        self, fn: Callable[[], T], *, internal: bool = False
+    ) -> concurrent.futures.Future[T]:
+        job = _Job(fn)
+        with self._cond:
+            self.check_accepting(internal=internal)
+            if len(self._jobs) >= max(self.max_waiting, 1):
+                raise OverloadedError("too many embedding requests are queued; retry later")
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future
+
+    def cancel(self, seq: SequenceState) -> None:
+        with self._cond:
+            seq.cancelled = True
+            try:
+                self._waiting.remove(seq)  # never admitted: nothing to free
+            except ValueError:
+                pass  # running (the engine thread retires it) or already gone
+            self._cond.notify()
+
+    def load(self) -> LoadInfo:
+        with self._cond:
+            running = sum(1 for s in self._running if not s.cancelled)
+            return LoadInfo(running=running, waiting=len(self._waiting), capacity=self.max_running)
+
+    def transition(self, expected: EngineState, state: EngineState) -> bool:
+        with self._cond:
+            if self.state is not expected:
+                return False
+            self.state = state
+            return True
+
+    def set_state(self, state: EngineState) -> EngineState:
+        with self._cond:
+            previous, self.state = self.state, state
+            self._cond.notify_all()
+            return previous
+
+    def on_drained(self, callback: Callable[[], None]) -> None:
+        """Stop admitting new work; call `callback` (from any thread) once nothing is in flight."""
+        with self._cond:
+            if self.state in (EngineState.READY, EngineState.STARTING):
+                self.state = EngineState.DRAINING
+            self._drained.append(callback)
+            self._notify_drained_locked()
+            self._cond.notify_all()
+
+    # -- engine thread side -----------------------------------------------------------------
+
+    def next_work(self) -> Work | None:
+        """Block until there is something to do; None once the engine is stopping."""
+        with self._cond:
+            while True:
+                if self.state is EngineState.STOPPING:
+                    return None
+                # Cancelled sequences leave here, before anything else runs: their cache is freed.
+                for seq in [s for s in self._running if s.cancelled]:
+                    self._retire_locked(seq)
+                if self._waiting or self._running or self._jobs:
+                    break
+                self._notify_drained_locked()
+                self._cond.wait()
+            decoding = list(self._running)
+            admitted: list[SequenceState] = []
+            while self._waiting and len(self._running) < self.max_running:
+                seq = self._waiting.popleft()
+                self._running.append(seq)
+                admitted.append(seq)
+            jobs, self._jobs = self._jobs, []
+            return Work(admitted, decoding, jobs)
+
+    def retire(self, seq: SequenceState) -> None:
+        with self._cond:
+            self._retire_locked(seq)
+
+    def take_all(self) -> tuple[list[SequenceState], list[_Job]]:
+        """Empty the engine (at stop): everything still waiting or running, and pending jobs."""
+        with self._cond:
+            seqs = [*self._running, *self._waiting]
+            self._running.clear()
+            self._waiting.clear()
+            jobs, self._jobs = self._jobs, []
+            self._notify_drained_locked()
+            return seqs, jobs
+
+    def _check_capacity_locked(self) -> None:
+        # A request that finds a free slot is not "queued": the bound is on running + waiting.
+        active = sum(1 for s in self._running if not s.cancelled)
+        if active + len(self._waiting) >= self.max_running + self.max_waiting:
+            raise OverloadedError(
+                f"the model is busy: {active} running and {len(self._waiting)} waiting "
+                f"(limit {self.max_waiting}); retry later"
+            )
+
+    def _retire_locked(self, seq: SequenceState) -> None:
+        seq.cache = None  # drop the KV cache now rather than whenever the consumer lets go
+        if seq in self._running:
+            self._running.remove(seq)
+
+    def _notify_drained_locked(self) -> None:
+        if self._drained and not (self._waiting or self._running or self._jobs):
+            callbacks, self._drained = self._drained, []
+            for callback in callbacks:
+                callback()
+
+
+class HFEngine(Engine):
+    """A transformers model served by one engine thread (see the module docstring)."""
+
+    def __init__(self, plan: LoadPlan, options: EngineOptions) -> None:
+        self._plan = plan
+        self._options = options
+        self._scheduler = Scheduler(options.max_running, options.max_waiting)
+        self._loaded: LoadedModel | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # Every tokenizer call that encodes runs on this one thread: HF fast tokenizers mutate
+        # their truncation/padding state per call, so concurrent encodes are not safe, and long
+        # prompts must not stall the event loop or the decode loop.
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"tokenizer-{plan.names[0]}"
+        )
+        self._decode_text: Callable[[SequenceOf[int]], str] = lambda ids: ""
+        self._decode_special: Callable[[SequenceOf[int]], str] = lambda ids: ""
+        self._token_texts: dict[int, str] = {}
+        self._byte_tokens: frozenset[int] = frozenset()
+        self._encoder: Callable[..., Any] | None = None
+        self._prefill_kwargs: dict[str, Any] = {}
+
+    # -- Engine interface -------------------------------------------------------------------
+
+    @property
+    def description(self) -> ModelDescription:
+        causal = self._plan.kind is ModelKind.CAUSAL_LM
+        context = self._loaded.context_length if self._loaded else self._plan.context_length
+        return ModelDescription(
+            name=self._plan.names[0],
+            aliases=self._plan.names[1:],
+            context_length=context or 0,  # GGUF: known once started
+            supports_generate=causal,
+            supports_chat=causal,
+            supports_embeddings=True,
+            source=self._plan.source.display,
+            default_sampling=(
+                self._loaded.default_sampling
+                if self._loaded
+                else self._plan.default_sampling or SamplingParams()
+            ),
+        )
+
+    async def start(self) -> None:
+        if not self._scheduler.transition(EngineState.NEW, EngineState.STARTING):
+            raise RuntimeError("an engine can be started only once")
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._thread_main,
+            args=(ready,),
+            name=f"engine-{self._plan.names[0]}",
+            daemon=True,
+        )
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(ready)
+            await self._warm_up()
+        except BaseException:
+            await self.stop()
+            raise
+        if not self._scheduler.transition(EngineState.STARTING, EngineState.READY):
+            raise UnavailableError("the engine was stopped while starting")
+
+    async def drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        drained: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(_resolve, drained)
+
+        self._scheduler.on_drained(wake)
+        await drained
+
+    async def stop(self) -> None:
+        previous = self._scheduler.set_state(EngineState.STOPPING)
+        if previous is EngineState.STOPPED:
+            self._scheduler.set_state(EngineState.STOPPED)
+            return
+        if self._thread is not None:
+            await asyncio.wrap_future(self._thread_done)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self._loaded = None
+        self._encoder = None
+        self._scheduler.set_state(EngineState.STOPPED)
+
+    def load(self) -> LoadInfo:
+        return self._scheduler.load()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        return self._generate(request)
+
+    async def tokenize(self, prompt: str | SequenceOf[ChatMessage]) -> list[int]:
+        loaded = self._require_loaded()
+        if isinstance(prompt, str):
+            return await self._on_tokenizer(
+                lambda: list(loaded.tokenizer.encode(prompt, add_special_tokens=True))
+            )
+        if self._plan.kind is not ModelKind.CAUSAL_LM:
+            raise InvalidRequestError(
+                f"{self._plan.names[0]} is an embedding model without a chat template",
+                param="messages",
+            )
+        validate_messages(prompt)
+        encoded = await self._on_tokenizer(
+            lambda: encode_prompt(loaded.tokenizer, prompt, loaded.vocab_size)
+        )
+        return encoded.token_ids
+
+    async def embed(self, texts: SequenceOf[str]) -> tuple[list[list[float]], int]:
+        return await self._embed(texts)
+
+    # -- event loop side --------------------------------------------------------------------
+
+    async def _generate(
+        self, request: GenerationRequest, *, internal: bool = False
+    ) -> AsyncIterator[GenerationChunk]:
+        if self._plan.kind is not ModelKind.CAUSAL_LM:
+            raise InvalidRequestError(
+                f"{self._plan.names[0]} is an embedding model; it cannot generate", param="model"
+            )
+        self._scheduler.check_accepting(internal=internal)
+        loaded = self._require_loaded()
+        validate_sampling(request.sampling)
+        _validate_request_shape(request, loaded)
+        self._scheduler.check_capacity()  # fail fast, before tokenizing
+        encoded = await self._on_tokenizer(
+            lambda: encode_prompt(loaded.tokenizer, request.prompt, loaded.vocab_size)
+        )
+        seq = self._new_sequence(request, encoded, loaded, asyncio.get_running_loop())
+        self._scheduler.submit(seq, internal=internal)
+        try:
+            if request.echo:
+                # Prompt logprobs are not computed: the echo chunk carries text and ids only.
+                yield GenerationChunk(
+                    text=encoded.text,
+                    token_ids=list(encoded.token_ids),
+                    is_prompt_echo=True,
+                    prompt_tokens=len(encoded.token_ids),
+                )
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                self._scheduler.cancel(seq)
+
+    def _new_sequence(
+        self,
+        request: GenerationRequest,
+        encoded: EncodedPrompt,
+        loaded: LoadedModel,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> SequenceState:
+        stopping = request.stopping
+        n_prompt, context = len(encoded.token_ids), loaded.context_length
+        if n_prompt >= context:
+            raise InvalidRequestError(
+                f"the prompt has {n_prompt} tokens but the model's context is {context} tokens",
+                param=encoded.param,
+            )
+        room = context - n_prompt
+        if stopping.max_tokens is not None and stopping.max_tokens > room:
+            raise InvalidRequestError(
+                f"the prompt ({n_prompt} tokens) plus max_tokens ({stopping.max_tokens}) exceeds "
+                f"the model's context of {context} tokens",
+                param="max_tokens",
+            )
+        max_tokens = room if stopping.max_tokens is None else stopping.max_tokens
+        stop_token_ids = frozenset(stopping.stop_token_ids)
+        eos = frozenset() if stopping.ignore_eos else loaded.eos_token_ids
+        stop_ids = eos | stop_token_ids
+        return SequenceState(
+            request_id=request.request_id,
+            prompt_ids=encoded.token_ids,
+            max_tokens=max_tokens,
+            min_tokens=stopping.min_tokens,
+            stop_ids=stop_ids,
+            stop_token_ids=stop_token_ids,
+            sampling=SamplingState(
+                request.sampling,
+                vocab_size=loaded.vocab_size,
+                prompt_ids=encoded.token_ids,
+                device=loaded.device,
+                top_logprobs=request.logprobs,
+                suppress_ids=stop_ids,
+                min_tokens=stopping.min_tokens,
+            ),
+            detokenizer=IncrementalDetokenizer(
+                self._decode_text, encoded.token_ids, self._byte_tokens
+            ),
+            matcher=StopStringMatcher(stopping.stop),
+            loop=loop,
+            queue=asyncio.Queue(),
+        )
+
+    async def _embed(
+        self, texts: SequenceOf[str], *, internal: bool = False
+    ) -> tuple[list[list[float]], int]:
+        validate_inputs(texts)
+        self._scheduler.check_accepting(internal=internal)
+        loaded = self._require_loaded()
+        encoder = self._encoder
+        assert encoder is not None
+        batch = await self._on_tokenizer(
+            lambda: tokenize_for_embedding(loaded.tokenizer, texts, loaded.context_length)
+        )
+        pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+        future = self._scheduler.submit_job(
+            lambda: embed_token_ids(encoder, batch, loaded.device, pad_id), internal=internal
+        )
+        vectors: list[list[float]] = await asyncio.wrap_future(future)
+        return vectors, sum(len(ids) for ids in batch)
+
+    async def _warm_up(self) -> None:
+        """A tiny request through the whole path, so the first real one pays no first-call costs."""
+        if self._plan.kind is ModelKind.CAUSAL_LM:
+            request = GenerationRequest(
+                request_id="warm-up",
+                prompt="Hello",
+                sampling=SamplingParams(temperature=0.0),
+                stopping=StoppingParams(max_tokens=2, ignore_eos=True),
+            )
+            async for _ in self._generate(request, internal=True):
+                pass
+        else:
+            await self._embed(["Hello"], internal=True)
+
+    async def _on_tokenizer(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn)
+
+    def _require_loaded(self) -> LoadedModel:
+        loaded = self._loaded
+        if loaded is None:
+            state = self._scheduler.state
+            loading = state in (EngineState.NEW, EngineState.STARTING)
+            raise UnavailableError(
+                "the model is still loading" if loading else "the model is shutting down"
+            )
+        return loaded
+
+    # -- engine thread ----------------------------------------------------------------------
+
+    def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            try:
+                self._load()
+            except BaseException as exc:  # any load failure belongs to start()'s caller
+                ready.set_exception(exc)
+                return
+            ready.set_result(None)
+            with torch.inference_mode():
+                self._serve()
+        finally:
+            self._thread_done.set_result(None)
+
+    def _load(self) -> None:
+        loaded = self._plan.load(self._options.threads)
+        self._decode_text = make_decode_fn(loaded.tokenizer, skip_special_tokens=True)
+        self._decode_special = make_decode_fn(loaded.tokenizer, skip_special_tokens=False)
+        self._byte_tokens = byte_fallback_ids(loaded.tokenizer)
+        if "logits_to_keep" in inspect.signature(loaded.model.forward).parameters:
+            # Only the last position's logits are needed after a prefill (as in HF generate).
+            self._prefill_kwargs = {"logits_to_keep": 1}
+        if self._plan.kind is ModelKind.CAUSAL_LM:
+            # The decoder stack without the LM head: last hidden states for embeddings.
+            base = loaded.model.base_model
+
+            def encoder(**inputs: Any) -> Any:
+                return base(**inputs, use_cache=False)
+
+            self._encoder = encoder
+        else:
+            self._encoder = loaded.model
+        self._loaded = loaded
+
+    def _serve(self) -> None:
+        while (work := self._scheduler.next_work()) is not None:
+            for job in work.jobs:
+                job.run()
+            if not (work.admitted or work.decoding):
+                continue
+            try:
+                self._step(work.admitted, work.decoding)
+            except Exception as exc:  # the engine thread must survive; the step's requests fail
+                logger.exception("engine step failed; failing %d request(s)", len(work.decoding))
+                failed = [*work.admitted, *work.decoding]
+                for seq in failed:
+                    seq.finished = True
+                    self._scheduler.retire(seq)
+                self._deliver((seq, exc) for seq in failed)
+        seqs, jobs = self._scheduler.take_all()
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(UnavailableError("the model is shutting down"))
+        for seq in seqs:
+            seq.cache = None
+        self._deliver(
+            (seq, seq.final_chunk("", FinishReason.CANCELLED)) for seq in seqs if not seq.cancelled
+        )
+
+    def _step(self, admitted: list[SequenceState], decoding: list[SequenceState]) -> None:
+        batch: list[SequenceState] = []
+        logits: list[torch.Tensor] = []
+        for seq in admitted:
+            logits.append(self._prefill(seq))
+            batch.append(seq)
+        if decoding:
+            logits.append(self._decode_step(decoding))
+            batch.extend(decoding)
+        out = sample(
+            logits[0] if len(logits) == 1 else torch.cat(logits), [s.sampling for s in batch]
+        )
+        deliveries: list[tuple[SequenceState, QueueItem]] = []
+        for seq, token_id, row_logprobs in zip(batch, out.token_ids, out.logprobs, strict=True):
+            chunk = self._advance(seq, token_id, row_logprobs)
+            if chunk is not None:
+                deliveries.append((seq, chunk))
+            if seq.finished:
+                self._scheduler.retire(seq)
+        self._deliver(deliveries)
+
+    def _prefill(self, seq: SequenceState) -> torch.Tensor:
+        """The prompt through the model into a fresh cache; logits [1, V] for the first token."""
+        loaded = self._loaded
+        assert loaded is not None
+        seq.cache = DynamicCache(config=loaded.model.config)
+        input_ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=loaded.device)
+        out = loaded.model(
+            input_ids=input_ids, past_key_values=seq.cache, use_cache=True, **self._prefill_kwargs
+        )
+        return out.logits[:, -1, :]
+
+    def _decode_step(self, seqs: SequenceOf[SequenceState]) -> torch.Tensor:
+        """Forward each sequence's last token through its cache; logits [B, V] in `seqs` order.
+
+        The one place that knows caches are per sequence: a batched version feeds all last
+        tokens as one [B, 1] input over a shared cache and returns the same [B, V].
+        """
+        loaded = self._loaded
+        assert loaded is not None
+        rows = []
+        for seq in seqs:
+            input_ids = torch.tensor([[seq.output_ids[-1]]], dtype=torch.long, device=loaded.device)
+            out = loaded.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True)
+            rows.append(out.logits[:, -1, :])
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def _advance(
+        self, seq: SequenceState, token_id: int, logprobs: RowLogprobs | None
+    ) -> GenerationChunk | None:
+        """Append the sampled token, apply the stopping rules; a chunk when there is news."""
+        seq.output_ids.append(token_id)
+        seq.pending_ids.append(token_id)
+        if logprobs is not None:
+            seq.pending_logprobs.append(self._token_logprob(token_id, logprobs))
+        n = len(seq.output_ids)
+        ends_by_token = token_id in seq.stop_ids and n >= seq.min_tokens
+        ends_by_length = n >= seq.max_tokens
+        if ends_by_token:
+            delta = seq.detokenizer.flush()  # a stop token's own text is never returned
+        else:
+            delta = seq.detokenizer.step(token_id)
+            if ends_by_length:
+                delta += seq.detokenizer.flush()
+        text, matched = seq.matcher.feed(delta, active=n >= seq.min_tokens)
+        if matched is not None:
+            return seq.final_chunk(text, FinishReason.STOP, matched)
+        if ends_by_token:
+            reason = str(token_id) if token_id in seq.stop_token_ids else ""
+            return seq.final_chunk(text + seq.matcher.flush(), FinishReason.STOP, reason)
+        if ends_by_length:
+            return seq.final_chunk(text + seq.matcher.flush(), FinishReason.LENGTH)
+        if not text:
+            return None  # keep the ids with the text they will produce
+        return seq.take_chunk(text)
+
+    def _token_logprob(self, token_id: int, row: RowLogprobs) -> TokenLogprob:
+        top = tuple(
+            TopLogprob(i, self._token_text(i), lp)
+            for i, lp in zip(row.top_ids, row.top_logprobs, strict=True)
+        )
+        return TokenLogprob(token_id, self._token_text(token_id), row.logprob, top)
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._decode_special([token_id])
+        return text
+
+    def _deliver(self, items: Iterable[tuple[SequenceState, QueueItem]]) -> None:
+        """Hand chunks to their event loops: one thread-safe callback per loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[QueueItem], QueueItem]]]
+        by_loop = {}
+        for seq, item in items:
+            if seq.loop is not None and not seq.cancelled:
+                by_loop.setdefault(seq.loop, []).append((seq.queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                logger.debug("dropping %d chunk(s) for a closed event loop", len(batch))
+
+
+def _validate_request_shape(request: GenerationRequest, loaded: LoadedModel) -> None:
+    """Checks that need no tokenization."""
+    stopping = request.stopping
+    if stopping.max_tokens is not None and stopping.max_tokens < 1:
+        raise InvalidRequestError(
+            f"max_tokens must be at least 1, got {stopping.max_tokens}", param="max_tokens"
+        )
+    if stopping.min_tokens < 0:
+        raise InvalidRequestError(
+            f"min_tokens must be 0 or more, got {stopping.min_tokens}", param="min_tokens"
+        )
+    if stopping.max_tokens is not None and stopping.min_tokens > stopping.max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens ({stopping.min_tokens}) exceeds max_tokens ({stopping.max_tokens})",
+            param="min_tokens",
+        )
+    bad = next((t for t in stopping.stop_token_ids if not 0 <= t < loaded.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"stop token id {bad} is out of the vocabulary (0..{loaded.vocab_size - 1})",
+            param="stop_token_ids",
+        )
+    if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(
+            f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {request.logprobs}",
+            param="logprobs",
+        )
+
+
+def _put_all(batch: list[tuple[asyncio.Queue[QueueItem], QueueItem]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

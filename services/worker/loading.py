@@ -1,0 +1,369 @@
+"""Turn a model path and engine options into an Engine: path, device and dtype resolution and the
+transformers loading code that runs on the engine thread.
+
+torch and transformers are imported where used, so configs and the CLI can import ModelSpec and
+EngineOptions without paying seconds of import time.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from services.worker.engine import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    from services.worker.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")  # plus cuda:N
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # names of torch dtypes, plus auto
+# A config may claim 128k positions; a KV cache that long per request does not fit a worker's memory
+# budget, so the served context is capped. Models without any position limit get the fallback.
+MAX_CONTEXT_LENGTH = 32_768
+FALLBACK_CONTEXT_LENGTH = 2_048
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct": the quantisation is not part of the name.
+_QUANT_SUFFIX = re.compile(r"[.\-_](i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to serve."""
+
+    path: str  # a HF folder, a .gguf file, or a folder holding exactly one .gguf
+    # Served names: names[0] canonical, the rest aliases; empty -> derived from the path.
+    names: tuple[str, ...] = ()
+    # Sampling for fields a request leaves unset; None: the model's generation_config, if it
+    # samples, else plain defaults.
+    default_sampling: SamplingParams | None = None
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to run a model; validated on construction."""
+
+    device: str = "auto"  # auto|cpu|cuda|cuda:N|mps
+    dtype: str = "auto"  # auto|float32|float16|bfloat16
+    max_running: int = 16  # requests decoded together
+    max_waiting: int = 256  # bounded admission queue; beyond it -> OverloadedError
+    threads: int | None = None  # torch intra-op threads; None = torch default
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(
+                f"unknown device {self.device!r}: expected one of {', '.join(DEVICES)} or cuda:N"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.max_running < 1:
+            raise ValueError(f"max_running must be at least 1, got {self.max_running}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be 0 or more, got {self.max_waiting}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+
+
+class ModelKind(enum.Enum):
+    CAUSAL_LM = "causal-lm"  # generates, chats and embeds (mean of the last hidden state)
+    ENCODER = "encoder"  # embeds only (BERT-like)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained reads: a folder, plus the file name when the weights are GGUF."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+@dataclass
+class LoadedModel:
+    """What the engine thread works with once loading is done."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    context_length: int
+    vocab_size: int  # rows of the model's embedding matrix: valid token ids are below it
+    eos_token_ids: frozenset[int]
+    device: torch.device
+    default_sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything create_engine resolved up front; `load()` does the heavy part."""
+
+    source: ModelSource
+    kind: ModelKind
+    names: tuple[str, ...]
+    device: torch.device
+    dtype: torch.dtype
+    # Known before loading for HF folders; GGUF metadata is only read by load().
+    context_length: int | None = None
+    default_sampling: SamplingParams | None = None
+
+    def load(self, threads: int | None = None) -> LoadedModel:
+        """Load tokenizer and weights (seconds to minutes): call it off the event loop."""
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        started = time.monotonic()
+        kwargs = self.source.kwargs()
+        tokenizer = AutoTokenizer.from_pretrained(self.source.directory, **kwargs)
+        auto_class = AutoModelForCausalLM if self.kind is ModelKind.CAUSAL_LM else AutoModel
+        model = _from_pretrained(auto_class, self.source, self.device, self.dtype)
+        model.eval()
+        config = model.config
+        context_length = self.context_length or context_length_of(
+            config, self.kind, self.source, tokenizer
+        )
+        eos_ids = _eos_token_ids(model, tokenizer) if self.kind is ModelKind.CAUSAL_LM else set()
+        logger.info(
+            "loaded %s (%s, %s, %s) in %.1fs, context %d",
+            self.names[0],
+            self.kind.value,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            time.monotonic() - started,
+            context_length,
+        )
+        return LoadedModel(
+            model=model,
+            tokenizer=tokenizer,
+            context_length=context_length,
+            vocab_size=_vocab_size(model),
+            eos_token_ids=frozenset(eos_ids),
+            device=self.device,
+            default_sampling=self.default_sampling or _generation_config_sampling(model),
+        )
+
+
+def create_engine(spec: ModelSpec, options: EngineOptions) -> Engine:
+    """Resolve and validate `spec` (cheap); `await engine.start()` loads the model."""
+    from services.worker.hf_engine import HFEngine  # hf_engine imports this module's types
+
+    return HFEngine(plan_load(spec, options), options)
+
+
+def plan_load(spec: ModelSpec, options: EngineOptions) -> LoadPlan:
+    """Check the path, the device and the dtype, and decide which kind of engine the model needs."""
+    source = resolve_source(spec.path)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    names = spec.names or (derive_name(source),)
+    if source.gguf_file:
+        # transformers reads GGUF only as decoder-only LMs; the context comes with the weights.
+        return LoadPlan(
+            source, ModelKind.CAUSAL_LM, names, device, dtype,
+            default_sampling=spec.default_sampling,
+        )  # fmt: skip
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.directory)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{source.display} is not a loadable model folder: {exc}") from exc
+    kind = model_kind(config)
+    context = context_length_of(config, kind, source)
+    return LoadPlan(source, kind, names, device, dtype, context, spec.default_sampling)
+
+
+def resolve_source(path: str) -> ModelSource:
+    """A HF folder (config.json), a .gguf file, or a folder holding exactly one .gguf file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"model path {path!r} does not exist")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ValueError(f"model path {path!r} is a file but not a .gguf file")
+        return ModelSource(p.parent.resolve(), p.name)
+    if (p / "config.json").is_file():
+        return ModelSource(p.resolve())
+    ggufs = sorted(f.name for f in p.iterdir() if f.suffix.lower() == ".gguf")
+    if len(ggufs) == 1:
+        return ModelSource(p.resolve(), ggufs[0])
+    if not ggufs:
+        raise ValueError(f"model folder {path!r} has neither a config.json nor a .gguf file")
+    raise ValueError(f"model folder {path!r} holds {len(ggufs)} .gguf files; pass one file's path")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available, else mps, else cpu; an explicit accelerator must exist."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    mps_available = bool(mps is not None and mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} requested but only "
+                f"{torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return device
+    if name == "mps" and not mps_available:
+        raise ValueError("device 'mps' requested but MPS is not available on this machine")
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}: expected one of {', '.join(DEVICES)} or cuda:N")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto -> float32 on CPU, bfloat16 on GPUs that support it, else float16."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    if name != "auto":
+        dtype: torch.dtype = getattr(torch, name)
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def model_kind(config: PretrainedConfig) -> ModelKind:
+    """Decoder-only LMs generate; encoders (BERT-like) only embed; encoder-decoders are refused."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"encoder-decoder models ({config.model_type}) are not supported")
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return ModelKind.CAUSAL_LM
+    if architectures:
+        return ModelKind.ENCODER
+    # No architectures recorded: trust the model type's registrations.
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    ):
+        return ModelKind.CAUSAL_LM
+    return ModelKind.ENCODER
+
+
+def context_length_of(
+    config: PretrainedConfig,
+    kind: ModelKind,
+    source: ModelSource,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> int:
+    """The model's position limit, capped at MAX_CONTEXT_LENGTH.
+
+    Encoders also honour sentence-transformers' max_seq_length (all-MiniLM-L6-v2: 256) and the
+    tokenizer's model_max_length, the lengths their embeddings were trained for.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [
+        int(value)
+        for key in _POSITION_KEYS
+        if isinstance(value := getattr(text_config, key, None), int) and value > 0
+    ][:1] or [FALLBACK_CONTEXT_LENGTH]
+    if kind is ModelKind.ENCODER:
+        st_config = source.directory / "sentence_bert_config.json"
+        if st_config.is_file():
+            try:
+                limit = json.loads(st_config.read_text()).get("max_seq_length")
+            except (OSError, ValueError):
+                limit = None
+            if isinstance(limit, int) and limit > 0:
+                limits.append(limit)
+        model_max = getattr(tokenizer, "model_max_length", None)
+        if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+            limits.append(model_max)
+    return min([*limits, MAX_CONTEXT_LENGTH])
+
+
+def derive_name(source: ModelSource) -> str:
+    if source.gguf_file:
+        return _QUANT_SUFFIX.sub("", Path(source.gguf_file).stem) or source.gguf_file
+    return source.directory.name
+
+
+def _from_pretrained(
+    auto_class: Any, source: ModelSource, device: torch.device, dtype: torch.dtype
+) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {"dtype": dtype, **source.kwargs()}
+    if device.type != "cpu":
+        kwargs["device_map"] = str(device)  # accelerate places weights straight on the device
+    try:
+        model = auto_class.from_pretrained(source.directory, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError) as exc:
+        # A few architectures have no SDPA kernel; eager attention is slower but correct.
+        logger.warning("SDPA attention unavailable for %s (%s); using eager", source.display, exc)
+        model = auto_class.from_pretrained(source.directory, attn_implementation="eager", **kwargs)
+    if device.type == "cpu":
+        model.to(device)
+    return model
+
+
+def _generation_config_sampling(model: PreTrainedModel) -> SamplingParams:
+    """The sampling a model's generation_config.json recommends, as vLLM applies it by default."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not getattr(config, "do_sample", False):
+        return SamplingParams()
+    fallback = SamplingParams()
+    return SamplingParams(
+        temperature=float(getattr(config, "temperature", None) or fallback.temperature),
+        top_p=float(getattr(config, "top_p", None) or fallback.top_p),
+        top_k=int(getattr(config, "top_k", None) or fallback.top_k),
+        repetition_penalty=float(
+            getattr(config, "repetition_penalty", None) or fallback.repetition_penalty
+        ),
+    )
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokenizer's EOS plus generation_config's (an int or a list)."""
+    ids: set[int] = set()
+    generation_config = getattr(model, "generation_config", None)
+    for value in (
+        getattr(generation_config, "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the input embedding matrix (the config's vocab_size may be padded differently)."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0])
