@@ -1,0 +1,125 @@
+"""Liveness of registered workers from grpc.health.v1 Watch streams, one task per worker.
+
+Every Watch message sets the worker's state; a broken stream marks it UNREACHABLE at once (a dead
+process resets the connection, a silent host is caught by channel keepalive) and the task reconnects
+with backoff for as long as the worker stays registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.grpc_server import insecure_channel
+from services.controller.registry import WorkerRegistry, WorkerState
+
+logger = logging.getLogger(__name__)
+
+_STATES = {
+    health_pb2.HealthCheckResponse.SERVING: WorkerState.SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING: WorkerState.NOT_SERVING,
+}
+
+
+@dataclass
+class _Watch:
+    task: asyncio.Task[None] | None = None
+    # Set by watch() on a re-registration: skip the rest of the backoff and reconnect now.
+    retry_now: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class HealthWatcher:
+    """Holds one health Watch stream per watched worker and writes its state into the registry."""
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        *,
+        channel_factory: Callable[[str], grpc.aio.Channel] = insecure_channel,
+        min_backoff: float = 0.2,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self._registry = registry
+        self._channel_factory = channel_factory
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self._watches: dict[str, _Watch] = {}
+        self._changed = asyncio.Condition()
+
+    def watch(self, address: str) -> None:
+        """Start watching a worker; when already watched, reconnect now if the stream is down."""
+        existing = self._watches.get(address)
+        if existing is not None:
+            existing.retry_now.set()
+            return
+        watch = _Watch()
+        watch.task = asyncio.create_task(self._run(address, watch), name=f"health-watch {address}")
+        self._watches[address] = watch
+
+    async def unwatch(self, address: str) -> None:
+        """Stop watching a worker and wait for its stream to be closed."""
+        watch = self._watches.pop(address, None)
+        if watch is not None and watch.task is not None:
+            watch.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch.task
+
+    async def close(self) -> None:
+        """Stop every watch."""
+        for address in list(self._watches):
+            await self.unwatch(address)
+
+    async def wait_for_state(
+        self, address: str, states: Collection[WorkerState], timeout: float
+    ) -> WorkerState | None:
+        """Wait until the worker is in one of `states`; returns its state, which may be another
+        one (or None when deregistered) if `timeout` seconds pass first."""
+        async with self._changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._registry.state(address) in states),
+                    timeout,
+                )
+            return self._registry.state(address)
+
+    async def _set_state(self, address: str, state: WorkerState) -> None:
+        async with self._changed:
+            previous = self._registry.set_state(address, state)
+            self._changed.notify_all()
+        if previous is not None and previous is not state:
+            logger.info("worker %s is now %s (was %s)", address, state.value, previous.value)
+
+    async def _run(self, address: str, watch: _Watch) -> None:
+        backoff = self._min_backoff
+        while True:
+            watch.retry_now.clear()
+            try:
+                async with self._channel_factory(address) as channel:
+                    stub = health_pb2_grpc.HealthStub(channel)
+                    # No wait_for_ready: a Watch to a dead process fails at once with UNAVAILABLE.
+                    responses = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+                    async for response in responses:
+                        state = _STATES.get(response.status, WorkerState.NOT_SERVING)
+                        await self._set_state(address, state)
+                        backoff = self._min_backoff
+                problem = "the server ended it"
+            except grpc.aio.AioRpcError as error:
+                problem = f"{error.code().name} {error.details()}"
+            # Warn once per outage; the retries of a worker that stays down are debug noise.
+            already_down = self._registry.state(address) is WorkerState.UNREACHABLE
+            logger.log(
+                logging.DEBUG if already_down else logging.WARNING,
+                "health stream of worker %s failed: %s",
+                address,
+                problem,
+            )
+            await self._set_state(address, WorkerState.UNREACHABLE)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(watch.retry_now.wait(), backoff)
+            backoff = min(backoff * 2, self._max_backoff)

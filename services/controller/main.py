@@ -1,0 +1,111 @@
+"""Entry point of the controller: `chatfleet controller` runs the gRPC ControllerService."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from chatfleet.v1 import controller_pb2, controller_pb2_grpc
+from services.common.grpc_server import GrpcServer, create_server
+from services.common.logs import configure_logging
+from services.common.signals import stop_event
+from services.controller.config import ControllerConfig, add_arguments
+from services.controller.dispatcher import Dispatcher
+from services.controller.health_watch import HealthWatcher
+from services.controller.registry import WorkerRegistry
+from services.controller.servicer import ControllerServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
+
+
+@dataclass
+class Controller:
+    """A started controller: its server, registry and health watcher."""
+
+    config: ControllerConfig
+    grpc: GrpcServer
+    registry: WorkerRegistry
+    watcher: HealthWatcher
+    _stopped: bool = False
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @classmethod
+    async def start(cls, config: ControllerConfig) -> Controller:
+        """Build and start the controller; it reports SERVING once it listens."""
+        registry = WorkerRegistry()
+        watcher = HealthWatcher(registry)
+        servicer = ControllerServicer(
+            registry,
+            watcher,
+            Dispatcher(registry, config.dispatch_method),
+            heartbeat_interval_seconds=config.heartbeat_interval,
+        )
+        server = create_server(config.host, config.port, [SERVICE_NAME])
+        controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server.server)
+        await server.server.start()
+        await server.set_serving(True)
+        logger.info("controller listening on %s:%d", config.host, server.port)
+        return cls(config=config, grpc=server, registry=registry, watcher=watcher)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, close the health streams, then let in-flight calls finish within `grace`.
+        Does nothing the second time."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.grpc.health.enter_graceful_shutdown()
+        await self.watcher.close()
+        await self.grpc.server.stop(self.config.shutdown_grace if grace is None else grace)
+        logger.info("controller stopped")
+
+
+async def serve(config: ControllerConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Run the controller until cancelled or until SIGINT/SIGTERM, then stop gracefully."""
+    controller = await Controller.start(config)
+    try:
+        with stop_event() as stop:
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+            logger.info("shutting down")
+    finally:
+        await controller.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="chatfleet controller",
+        description="Keep the registry of workers and pick a worker for each request.",
+    )
+    add_arguments(parser, os.environ)
+    ns = parser.parse_args(argv)
+    try:
+        config = ControllerConfig.from_namespace(ns)
+    except ValueError as error:
+        parser.error(str(error))
+    configure_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    except OSError as error:
+        print(f"chatfleet controller: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
