@@ -1,0 +1,273 @@
+"""The worker's configuration: a frozen dataclass from flags with CHATFLEET_* fallbacks."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.config import FlagParser
+from services.worker.default_models import default_model_specs
+from services.worker.loading import EngineOptions, ModelSpec
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+# Environment values of the repeatable model flags hold one entry per model separated by ";"
+# (a model's names are themselves separated by commas).
+_ENV_SEPARATOR = ";"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    models: tuple[ModelSpec, ...]
+    host: str = "127.0.0.1"
+    port: int = 21002
+    # The address registered with the controller; None: host and the port actually bound.
+    worker_address: str | None = None
+    controller_address: str = "127.0.0.1:21001"
+    no_register: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    max_running: int = 16
+    max_waiting: int = 256
+    threads: int | None = None
+    heartbeat_interval: float = 5.0
+    # How long in-flight requests may take to finish after SIGTERM.
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("at least one model is needed (--model-path)")
+        _check_unique_names(self.models)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.worker_address is not None and not self.worker_address.strip():
+            raise ValueError("--worker-address must not be empty")
+        if not self.no_register and not self.controller_address.strip():
+            raise ValueError("--controller-address is required unless --no-register is given")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps: {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_running < 1:
+            raise ValueError(f"--max-batch-size must be at least 1, got {self.max_running}")
+        if self.max_waiting < 0:
+            raise ValueError(f"--max-queue must not be negative, got {self.max_waiting}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if not self.heartbeat_interval > 0:
+            raise ValueError(f"--heartbeat-interval must be > 0, got {self.heartbeat_interval}")
+        if not self.shutdown_grace >= 0:
+            raise ValueError(f"--shutdown-grace must not be negative, got {self.shutdown_grace}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
+            device=self.device,
+            dtype=self.dtype,
+            max_running=self.max_running,
+            max_waiting=self.max_waiting,
+            threads=self.threads,
+        )
+
+    def advertised_address(self, bound_port: int) -> str:
+        """What the worker registers: --worker-address, else host and the port actually bound
+        (a wildcard host is replaced by this machine's name, which peers can resolve)."""
+        if self.worker_address is not None:
+            return self.worker_address.strip()
+        host = socket.gethostname() if self.host in _WILDCARD_HOSTS else self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 literal
+        return f"{host}:{bound_port}"
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> WorkerConfig:
+        """Build and validate the config from parsed flags; ValueError with a clear message."""
+        return cls(
+            models=model_specs(ns.model_path or [], ns.model_names or []),
+            host=ns.host,
+            port=ns.port,
+            worker_address=ns.worker_address or None,
+            controller_address=ns.controller_address,
+            no_register=not ns.register,
+            device=ns.device,
+            dtype=ns.dtype,
+            max_running=ns.max_batch_size,
+            max_waiting=ns.max_queue,
+            threads=ns.threads or None,
+            heartbeat_interval=ns.heartbeat_interval,
+            shutdown_grace=ns.shutdown_grace,
+            log_level=ns.log_level.upper(),
+            log_format=ns.log_format,
+        )
+
+
+def model_specs(paths: Sequence[str], names: Sequence[str]) -> tuple[ModelSpec, ...]:
+    """Pair each --model-path with its --model-names (comma-separated; empty derives the name from
+    the path). Without any path: the two default models."""
+    if not paths:
+        if names:
+            raise ValueError("--model-names needs a matching --model-path")
+        try:
+            return tuple(default_model_specs())
+        except FileNotFoundError as error:
+            raise ValueError(str(error)) from error
+    if names and len(names) != len(paths):
+        raise ValueError(
+            f"give --model-names once per --model-path ({len(paths)} paths, {len(names)} names); "
+            "use an empty value to derive a model's name from its path"
+        )
+    specs = []
+    for index, path in enumerate(paths):
+        if not path.strip():
+            raise ValueError("--model-path must not be empty")
+        group = names[index] if names else ""
+        served = tuple(name.strip() for name in group.split(",") if name.strip())
+        specs.append(ModelSpec(path=path.strip(), names=served))
+    return tuple(specs)
+
+
+def _check_unique_names(specs: Sequence[ModelSpec]) -> None:
+    seen: dict[str, str] = {}
+    for spec in specs:
+        for name in spec.names:
+            if name in seen:
+                where = "twice" if seen[name] == spec.path else f"by {seen[name]} and {spec.path}"
+                raise ValueError(f"the model name {name!r} is used {where}")
+            seen[name] = spec.path
+
+
+class _RepeatableAction(argparse.Action):
+    """Like action="append", but the first use on the command line replaces the default (which may
+    come from the environment) instead of adding to it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is self.default else list(current)
+        items.append(values)
+        setattr(namespace, self.dest, items)
+
+
+def _add_repeatable(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str], flag: str, env: str, help: str
+) -> None:
+    raw = environ.get(env)
+    default = raw.split(_ENV_SEPARATOR) if raw else None
+    parser.add_argument(
+        flag,
+        action=_RepeatableAction,
+        default=default,
+        help=f"{help} (repeatable; env {env}, one entry per model separated by ';')",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Declare the worker's flags on `parser`, with defaults from `environ`."""
+    flags = FlagParser(parser, environ)
+    defaults = WorkerConfig  # the class attributes hold the fields' defaults
+    flags.add(
+        "--host", default=defaults.host, help="address to listen on", env="CHATFLEET_WORKER_HOST"
+    )
+    flags.add(
+        "--port",
+        default=defaults.port,
+        type=int,
+        help="port to listen on (0 picks a free one)",
+        env="CHATFLEET_WORKER_PORT",
+    )
+    flags.add(
+        "--worker-address",
+        default=None,
+        help="host:port the controller and gateway use to reach this worker "
+        "(default: --host and the port actually bound)",
+    )
+    flags.add(
+        "--controller-address",
+        default=defaults.controller_address,
+        help="host:port of the controller to register with",
+    )
+    flags.add_bool(
+        "--register",
+        default=True,
+        help="register with the controller (--no-register: serve standalone)",
+        env="CHATFLEET_WORKER_REGISTER",
+    )
+    _add_repeatable(
+        parser,
+        environ,
+        "--model-path",
+        "CHATFLEET_MODEL_PATH",
+        "a model to serve: a Hugging Face folder, a .gguf file, or a folder holding one .gguf "
+        "(default: the two default models)",
+    )
+    _add_repeatable(
+        parser,
+        environ,
+        "--model-names",
+        "CHATFLEET_MODEL_NAMES",
+        "comma-separated names the matching --model-path is served as, the first canonical "
+        "(default: derived from the path)",
+    )
+    flags.add(
+        "--device",
+        default=defaults.device,
+        help="where models run: auto, cpu, cuda, cuda:N or mps",
+    )
+    flags.add("--dtype", default=defaults.dtype, choices=DTYPES, help="weights' data type")
+    flags.add(
+        "--max-batch-size",
+        default=defaults.max_running,
+        type=int,
+        help="requests decoded together per model",
+    )
+    flags.add(
+        "--max-queue",
+        default=defaults.max_waiting,
+        type=int,
+        help="requests waiting for a batch slot per model before new ones are refused",
+    )
+    flags.add(
+        "--threads",
+        default=None,
+        type=int,
+        help="torch intra-op threads (default: torch's choice)",
+    )
+    flags.add(
+        "--heartbeat-interval",
+        default=defaults.heartbeat_interval,
+        type=float,
+        help="seconds between load reports to the controller",
+        env="CHATFLEET_WORKER_HEARTBEAT_INTERVAL",
+    )
+    flags.add(
+        "--shutdown-grace",
+        default=defaults.shutdown_grace,
+        type=float,
+        help="seconds in-flight requests may take to finish on SIGTERM",
+        env="CHATFLEET_WORKER_SHUTDOWN_GRACE",
+    )
+    flags.add(
+        "--log-level",
+        default=defaults.log_level,
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="logging level",
+    )
+    flags.add("--log-format", default=defaults.log_format, choices=LOG_FORMATS, help="log format")
