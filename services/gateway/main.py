@@ -1,0 +1,150 @@
+"""The gateway's entry point: `chatfleet gateway` runs uvicorn in asyncio until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from services.common.logs import configure_logging
+from services.common.signals import stop_event
+from services.gateway.app import create_app
+from services.gateway.config import GatewayConfig, add_arguments
+
+logger = logging.getLogger(__name__)
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn that leaves signals to its owner and says when it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # serve() handles SIGINT/SIGTERM; uvicorn's own handlers would re-raise them on exit.
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.listening.set()
+
+
+class HttpServer:
+    """An ASGI app served by uvicorn on a socket bound up front, so port 0 yields a real port
+    and a busy port fails with OSError before anything starts."""
+
+    def __init__(
+        self, app: FastAPI, *, host: str, port: int, shutdown_grace_seconds: float
+    ) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.create_server((host, port), family=family)
+        self.host = host
+        self.port: int = self._socket.getsockname()[1]
+        self._server = _UvicornServer(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=self.port,
+                lifespan="on",
+                log_config=None,
+                access_log=False,
+                ws="none",
+                timeout_graceful_shutdown=math.ceil(shutdown_grace_seconds),
+            )
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Run the app's lifespan and start accepting connections."""
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
+        listening = asyncio.ensure_future(self._server.listening.wait())
+        try:
+            await asyncio.wait({self._task, listening}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listening.cancel()
+        if self._task.done():
+            self._task.result()  # raises what stopped it
+            raise RuntimeError("the HTTP server stopped while starting")
+
+    async def wait_stopped(self) -> None:
+        """Wait until the server stops on its own; cancelling the wait leaves the server running."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, run the
+        lifespan's shutdown (closing the gRPC clients)."""
+        self._server.should_exit = True
+        if self._task is None:
+            self._socket.close()
+        elif not self._task.done():
+            await self._task
+
+
+async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Serve until cancelled or SIGINT/SIGTERM, then stop gracefully; set `ready` when listening."""
+    server = HttpServer(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        shutdown_grace_seconds=config.shutdown_grace_seconds,
+    )
+    waiters: list[asyncio.Future[Any]] = []
+    try:
+        with stop_event() as stop:
+            await server.start()
+            logger.info("gateway listening on %s", server.url)
+            if ready is not None:
+                ready.set()
+            stopped = asyncio.ensure_future(server.wait_stopped())
+            waiters = [stopped, asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if stopped.done():
+                stopped.result()  # raises what stopped the server
+                raise RuntimeError("the HTTP server stopped on its own")
+            logger.info("shutting down")
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await server.stop()
+        logger.info("gateway stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="chatfleet gateway",
+        description="OpenAI-compatible HTTP API in front of the chatfleet controller and workers.",
+    )
+    add_arguments(parser, os.environ)
+    args = parser.parse_args(argv)
+    try:
+        config = GatewayConfig.from_namespace(args)
+    except ValueError as error:
+        parser.error(str(error))
+    configure_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(serve(config))
+    except OSError as error:
+        logger.error("gateway cannot start: %s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

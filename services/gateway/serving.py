@@ -1,0 +1,716 @@
+"""Handlers of the OpenAI routes: check a request, translate it to gRPC, call upstream, reply.
+
+Choices: `n` (times each prompt) runs that many Generate calls concurrently, choice i with seed+i
+when a seed is given. Finish reasons: STOP -> "stop", LENGTH -> "length", CANCELLED (the worker gave
+up on the request, e.g. while draining) -> "abort" as vLLM reports it, so a cut-short answer never
+passes for a finished one. Streams are primed: the first upstream message is awaited before the
+HTTP response starts, so a request that fails up front (unknown model, overload) gets a plain HTTP
+error; an error after that is sent as an SSE `data: {"error": ...}` event then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import struct
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+from pydantic import BaseModel
+
+from chatfleet.v1 import worker_pb2
+from services.common.errors import ChatfleetError, InvalidRequestError, ModelNotFoundError
+from services.gateway.clients import Deadline, Metadata, Upstream
+from services.gateway.errors import APIError, to_api_error
+from services.gateway.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatLogprobs,
+    ChatMessage,
+    ChatMessageParam,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionPrompt,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    ModelCard,
+    ModelList,
+    SamplingExtras,
+    UsageInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# OpenAI's default for the legacy completions endpoint (chat has no default: up to the context).
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
+_FINISH_REASONS = {
+    worker_pb2.FINISH_REASON_STOP: "stop",
+    worker_pb2.FINISH_REASON_LENGTH: "length",
+    worker_pb2.FINISH_REASON_CANCELLED: "abort",
+}
+
+# Failures a handler reports to the client; anything else is a bug and becomes a 500.
+HandledError = (APIError, ChatfleetError, grpc.aio.AioRpcError)
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What every upstream call of one HTTP request shares."""
+
+    request_id: str
+    deadline: Deadline
+
+    @property
+    def metadata(self) -> Metadata:
+        return (("x-request-id", self.request_id),)
+
+
+@dataclass
+class EventStream:
+    """The SSE lines of a streamed answer. `close` releases the upstream calls even when the
+    response never started iterating `events` (the client left before the first byte)."""
+
+    events: AsyncIterator[str]
+    close: Callable[[], Awaitable[None]]
+
+
+class OpenAIServing:
+    """The handlers behind the routes; one per app, holding the upstream clients."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    async def health(self) -> bool:
+        return await self.upstream.controller.is_serving()
+
+    async def list_models(self, ctx: RequestContext) -> ModelList:
+        models = await self.upstream.list_models(deadline=ctx.deadline, metadata=ctx.metadata)
+        created = int(time.time())
+        names = sorted({model.name for model in models})
+        return ModelList(data=[ModelCard(id=name, created=created) for name in names])
+
+    async def retrieve_model(self, name: str, ctx: RequestContext) -> ModelCard:
+        for card in (await self.list_models(ctx)).data:
+            if card.id == name:
+                return card
+        raise ModelNotFoundError(f"The model '{name}' does not exist.", param="model")
+
+    # --- chat ------------------------------------------------------------------------------------
+
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest, ctx: RequestContext
+    ) -> ChatCompletionResponse | EventStream:
+        _reject_unsupported_chat(request)
+        n = request.n or 1
+        base = worker_pb2.GenerateRequest(
+            model=request.model,
+            chat=worker_pb2.ChatMessages(messages=_chat_messages(request.messages)),
+            stopping=_stopping(request, request.max_completion_tokens or request.max_tokens),
+        )
+        if request.logprobs:
+            base.logprobs.enabled = True
+            base.logprobs.top_logprobs = request.top_logprobs or 0
+        calls = [
+            self._generate(base, request, ctx, index=i, seed_offset=i, many=n > 1) for i in range(n)
+        ]
+        merged = _merge(calls)
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if request.stream:
+            first = await _first(merged)
+            events = self._chat_events(request, response_id, created, n, first, merged)
+            return EventStream(events, merged.aclose)
+
+        choices = [_Choice() for _ in range(n)]
+        async with aclosing(merged):
+            async for index, message in merged:
+                choices[index].add(message)
+        return ChatCompletionResponse(
+            id=response_id,
+            created=created,
+            model=request.model,
+            choices=[
+                ChatCompletionChoice(
+                    index=i,
+                    message=ChatMessage(content=choice.text()),
+                    logprobs=_chat_logprobs(choice.logprobs) if request.logprobs else None,
+                    finish_reason=choice.finish_reason(),
+                )
+                for i, choice in enumerate(choices)
+            ],
+            usage=_usage(choices, prompts=[choices[0]]),
+        )
+
+    async def _chat_events(
+        self,
+        request: ChatCompletionRequest,
+        response_id: str,
+        created: int,
+        n: int,
+        first: tuple[int, worker_pb2.GenerateResponse] | None,
+        merged: AsyncGenerator[tuple[int, worker_pb2.GenerateResponse], None],
+    ) -> AsyncGenerator[str, None]:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
+            return _sse(
+                ChatCompletionChunk(
+                    id=response_id, created=created, model=request.model, choices=choices
+                ),
+                include_usage,
+            )
+
+        choices = [_Choice() for _ in range(n)]
+        try:
+            for i in range(n):
+                delta = DeltaMessage(role="assistant", content="")
+                yield chunk([ChatCompletionStreamChoice(index=i, delta=delta)])
+            async for index, message in _chain(first, merged):
+                choices[index].add(message)
+                if message.text or message.logprobs:
+                    yield chunk(
+                        [
+                            ChatCompletionStreamChoice(
+                                index=index,
+                                delta=DeltaMessage(content=message.text),
+                                logprobs=_chat_logprobs(message.logprobs)
+                                if request.logprobs
+                                else None,
+                            )
+                        ]
+                    )
+                if message.finish_reason:
+                    yield chunk(
+                        [
+                            ChatCompletionStreamChoice(
+                                index=index,
+                                delta=DeltaMessage(),
+                                finish_reason=_FINISH_REASONS.get(message.finish_reason, "stop"),
+                            )
+                        ]
+                    )
+            if include_usage:
+                final = ChatCompletionChunk(
+                    id=response_id,
+                    created=created,
+                    model=request.model,
+                    choices=[],
+                    usage=_usage(choices, prompts=[choices[0]]),
+                )
+                yield _sse(final, include_usage)
+        except HandledError as error:
+            yield _sse_error(error)
+        finally:
+            await merged.aclose()
+        yield "data: [DONE]\n\n"
+
+    # --- completions -----------------------------------------------------------------------------
+
+    async def create_completion(
+        self, request: CompletionRequest, ctx: RequestContext
+    ) -> CompletionResponse | EventStream:
+        _reject_unsupported_completion(request)
+        n = request.n or 1
+        prompts = _completion_prompts(request.prompt)
+        max_tokens = request.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        calls = []
+        for p, prompt in enumerate(prompts):
+            base = worker_pb2.GenerateRequest(
+                model=request.model,
+                stopping=_stopping(request, max_tokens),
+                echo=bool(request.echo),
+            )
+            if isinstance(prompt, str):
+                base.text = prompt
+            else:
+                base.token_ids.ids.extend(prompt)
+            if request.logprobs is not None:
+                base.logprobs.enabled = True
+                base.logprobs.top_logprobs = request.logprobs
+            many = len(prompts) * n > 1
+            for j in range(n):
+                calls.append(
+                    self._generate(base, request, ctx, index=p * n + j, seed_offset=j, many=many)
+                )
+        merged = _merge(calls)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if request.stream:
+            first = await _first(merged)
+            events = self._completion_events(
+                request, response_id, created, n, len(calls), first, merged
+            )
+            return EventStream(events, merged.aclose)
+
+        choices = [_Choice() for _ in calls]
+        async with aclosing(merged):
+            async for index, message in merged:
+                choices[index].add(message)
+        return CompletionResponse(
+            id=response_id,
+            created=created,
+            model=request.model,
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=choice.text(),
+                    logprobs=choice.legacy_logprobs() if request.logprobs is not None else None,
+                    finish_reason=choice.finish_reason(),
+                )
+                for i, choice in enumerate(choices)
+            ],
+            usage=_usage(choices, prompts=choices[::n]),
+        )
+
+    async def _completion_events(
+        self,
+        request: CompletionRequest,
+        response_id: str,
+        created: int,
+        n: int,
+        total: int,
+        first: tuple[int, worker_pb2.GenerateResponse] | None,
+        merged: AsyncGenerator[tuple[int, worker_pb2.GenerateResponse], None],
+    ) -> AsyncGenerator[str, None]:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        choices = [_Choice() for _ in range(total)]
+        try:
+            async for index, message in _chain(first, merged):
+                choice = choices[index]
+                offset = choice.text_length
+                choice.add(message)
+                if not (message.text or message.logprobs or message.finish_reason):
+                    continue
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = _legacy_logprobs(list(message.logprobs), offset)
+                finish = None
+                if message.finish_reason:
+                    finish = _FINISH_REASONS.get(message.finish_reason, "stop")
+                yield _sse(
+                    CompletionChunk(
+                        id=response_id,
+                        created=created,
+                        model=request.model,
+                        choices=[
+                            CompletionChoice(
+                                index=index,
+                                text=message.text,
+                                logprobs=logprobs,
+                                finish_reason=finish,
+                            )
+                        ],
+                    ),
+                    include_usage,
+                )
+            if include_usage:
+                final = CompletionChunk(
+                    id=response_id,
+                    created=created,
+                    model=request.model,
+                    choices=[],
+                    usage=_usage(choices, prompts=choices[::n]),
+                )
+                yield _sse(final, include_usage)
+        except HandledError as error:
+            yield _sse_error(error)
+        finally:
+            await merged.aclose()
+        yield "data: [DONE]\n\n"
+
+    # --- embeddings ------------------------------------------------------------------------------
+
+    async def create_embedding(
+        self, request: EmbeddingRequest, ctx: RequestContext
+    ) -> EmbeddingResponse:
+        if request.dimensions is not None:
+            raise InvalidRequestError(
+                "'dimensions' is not supported: embeddings have the model's own size.",
+                param="dimensions",
+            )
+        inputs = _embedding_inputs(request.input)
+        response = await self.upstream.embed(
+            worker_pb2.EmbedRequest(model=request.model, inputs=inputs, request_id=ctx.request_id),
+            deadline=ctx.deadline,
+            metadata=ctx.metadata,
+        )
+        as_base64 = request.encoding_format == "base64"
+        return EmbeddingResponse(
+            data=[
+                EmbeddingData(
+                    index=i,
+                    embedding=_base64_floats(item.values) if as_base64 else list(item.values),
+                )
+                for i, item in enumerate(response.embeddings)
+            ],
+            model=request.model,
+            usage=EmbeddingUsage(
+                prompt_tokens=response.prompt_tokens, total_tokens=response.prompt_tokens
+            ),
+        )
+
+    # --- shared ----------------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        base: worker_pb2.GenerateRequest,
+        request: SamplingExtras,
+        ctx: RequestContext,
+        *,
+        index: int,
+        seed_offset: int,
+        many: bool,
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        call = worker_pb2.GenerateRequest()
+        call.CopyFrom(base)
+        # Each call of a request needs its own id: the worker keys cancellation on it.
+        call.request_id = f"{ctx.request_id}-{index}" if many else ctx.request_id
+        call.sampling.CopyFrom(_sampling(request, seed_offset))
+        return self.upstream.generate(call, deadline=ctx.deadline, metadata=ctx.metadata)
+
+
+# --- request translation --------------------------------------------------------------------------
+
+
+def _unsupported(param: str, what: str) -> InvalidRequestError:
+    return InvalidRequestError(f"'{param}' is not supported by chatfleet: {what}.", param=param)
+
+
+def _reject_unsupported_chat(request: ChatCompletionRequest) -> None:
+    if request.tools:
+        raise _unsupported("tools", "tool calling is not available")
+    if request.tool_choice not in (None, "none"):
+        raise _unsupported("tool_choice", "tool calling is not available")
+    if request.functions:
+        raise _unsupported("functions", "function calling is not available")
+    if request.function_call not in (None, "none"):
+        raise _unsupported("function_call", "function calling is not available")
+    if request.response_format not in (None, {"type": "text"}):
+        raise _unsupported("response_format", 'only {"type": "text"} is available')
+    if request.logit_bias:
+        raise _unsupported("logit_bias", "token biases are not available")
+    if request.audio is not None:
+        raise _unsupported("audio", "only text output is available")
+    if request.modalities not in (None, ["text"]):
+        raise _unsupported("modalities", 'only ["text"] is available')
+    if request.prediction is not None:
+        raise _unsupported("prediction", "predicted outputs are not available")
+    if request.reasoning_effort is not None:
+        raise _unsupported("reasoning_effort", "the models do not take a reasoning budget")
+    if request.web_search_options is not None:
+        raise _unsupported("web_search_options", "web search is not available")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise InvalidRequestError(
+            "'logprobs' must be true when 'top_logprobs' is given.", param="top_logprobs"
+        )
+
+
+def _reject_unsupported_completion(request: CompletionRequest) -> None:
+    if request.suffix:
+        raise _unsupported("suffix", "insertion (fill in the middle) is not available")
+    if request.best_of not in (None, 1, request.n or 1):
+        raise _unsupported("best_of", "best_of must be left out or equal n")
+    if request.logit_bias:
+        raise _unsupported("logit_bias", "token biases are not available")
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _chat_messages(messages: Sequence[ChatMessageParam]) -> list[worker_pb2.ChatMessage]:
+    converted = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if message.role not in _ROLES:
+            raise _unsupported(f"{where}.role", f"{message.role!r} messages need tool calling")
+        if message.tool_calls:
+            raise _unsupported(f"{where}.tool_calls", "tool calling is not available")
+        if message.function_call is not None:
+            raise _unsupported(f"{where}.function_call", "function calling is not available")
+        converted.append(
+            worker_pb2.ChatMessage(role=_ROLES[message.role], content=_message_text(message, where))
+        )
+    return converted
+
+
+def _message_text(message: ChatMessageParam, where: str) -> str:
+    content = message.content
+    if content is None:
+        raise InvalidRequestError(
+            f"'{where}.content' must be a string or a list of text parts.",
+            param=f"{where}.content",
+        )
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text":
+            raise InvalidRequestError(
+                f"Content parts of type {part.type!r} are not supported: only 'text' parts are.",
+                param=f"{where}.content[{j}].type",
+            )
+        if part.text is None:
+            raise InvalidRequestError(
+                "A text part needs a 'text' string.", param=f"{where}.content[{j}].text"
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _sampling(request: SamplingExtras, seed_offset: int) -> worker_pb2.SamplingParams:
+    sampling = worker_pb2.SamplingParams()
+    if request.temperature is not None:
+        sampling.temperature = request.temperature
+    if request.top_p is not None:
+        sampling.top_p = request.top_p
+    if request.top_k is not None and request.top_k > 0:
+        sampling.top_k = request.top_k
+    if request.min_p is not None:
+        sampling.min_p = request.min_p
+    if request.repetition_penalty is not None:
+        sampling.repetition_penalty = request.repetition_penalty
+    if request.presence_penalty is not None:
+        sampling.presence_penalty = request.presence_penalty
+    if request.frequency_penalty is not None:
+        sampling.frequency_penalty = request.frequency_penalty
+    if request.seed is not None:
+        sampling.seed = (request.seed + seed_offset) % 2**64
+    return sampling
+
+
+def _stopping(request: SamplingExtras, max_tokens: int | None) -> worker_pb2.StoppingCriteria:
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or ())
+    stopping = worker_pb2.StoppingCriteria(
+        min_tokens=request.min_tokens or 0,
+        # An empty stop string would end every answer at once; OpenAI ignores it too.
+        stop=[text for text in stop if text],
+        stop_token_ids=request.stop_token_ids or [],
+        ignore_eos=bool(request.ignore_eos),
+    )
+    if max_tokens is not None:
+        stopping.max_tokens = max_tokens
+    return stopping
+
+
+def _completion_prompts(prompt: CompletionPrompt) -> list[str | list[int]]:
+    """One entry per prompt: a text or a list of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequestError("'prompt' must not be empty.", param="prompt")
+    prompts: list[str | list[int]] = []
+    ids: list[int] = []
+    for i, item in enumerate(prompt):
+        if isinstance(item, int):
+            ids.append(item)
+            continue
+        if isinstance(item, list) and not item:
+            raise InvalidRequestError("A token id prompt must not be empty.", param=f"prompt[{i}]")
+        prompts.append(item)  # type: ignore[arg-type]  # a str or a list of ints
+    # pydantic guarantees a list of ints, of strings or of int lists: never a mix.
+    return [ids] if ids else prompts
+
+
+def _embedding_inputs(value: CompletionPrompt) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise InvalidRequestError("'input' must not be empty.", param="input")
+    texts = [item for item in value if isinstance(item, str)]
+    if len(texts) != len(value):
+        raise InvalidRequestError(
+            "Token id inputs are not supported for embeddings yet: send the text instead.",
+            param="input",
+        )
+    return texts
+
+
+# --- response shaping -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Choice:
+    """What one Generate stream has produced so far."""
+
+    echo_parts: list[str] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
+    echo_logprobs: list[worker_pb2.TokenLogprob] = field(default_factory=list)
+    logprobs: list[worker_pb2.TokenLogprob] = field(default_factory=list)
+    finish: int = worker_pb2.FINISH_REASON_UNSPECIFIED
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    text_length: int = 0
+
+    def add(self, message: worker_pb2.GenerateResponse) -> None:
+        if message.is_prompt_echo:
+            self.echo_parts.append(message.text)
+            self.echo_logprobs.extend(message.logprobs)
+        else:
+            self.parts.append(message.text)
+            self.logprobs.extend(message.logprobs)
+        self.text_length += len(message.text)
+        if message.finish_reason:
+            self.finish = message.finish_reason
+            self.prompt_tokens = message.usage.prompt_tokens
+            self.completion_tokens = message.usage.completion_tokens
+
+    def text(self) -> str:
+        return "".join(self.echo_parts) + "".join(self.parts)
+
+    def legacy_logprobs(self) -> CompletionLogprobs:
+        """The echoed prompt's logprobs (when the worker sent them) then the completion's, whose
+        offsets start after the echoed text either way."""
+        echo = _legacy_logprobs(self.echo_logprobs, 0)
+        completion = _legacy_logprobs(self.logprobs, len("".join(self.echo_parts)))
+        return CompletionLogprobs(
+            tokens=echo.tokens + completion.tokens,
+            token_logprobs=echo.token_logprobs + completion.token_logprobs,
+            top_logprobs=echo.top_logprobs + completion.top_logprobs,
+            text_offset=echo.text_offset + completion.text_offset,
+        )
+
+    def finish_reason(self) -> str:
+        # A stream that ended without a final message (never expected) counts as finished.
+        return _FINISH_REASONS.get(self.finish, "stop")
+
+
+def _usage(choices: Sequence[_Choice], *, prompts: Sequence[_Choice]) -> UsageInfo:
+    """Prompt tokens count once per prompt (`prompts` holds one choice of each), completion
+    tokens once per choice."""
+    prompt_tokens = sum(choice.prompt_tokens for choice in prompts)
+    completion_tokens = sum(choice.completion_tokens for choice in choices)
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _utf8(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def _chat_logprobs(entries: Sequence[worker_pb2.TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=entry.token,
+                logprob=entry.logprob,
+                bytes=_utf8(entry.token),
+                top_logprobs=[
+                    ChatTopLogprob(token=top.token, logprob=top.logprob, bytes=_utf8(top.token))
+                    for top in entry.top_logprobs
+                ],
+            )
+            for entry in entries
+        ]
+    )
+
+
+def _legacy_logprobs(entries: Sequence[worker_pb2.TokenLogprob], offset: int) -> CompletionLogprobs:
+    """Legacy completions logprobs; `offset` is where the first token starts in the choice's text.
+
+    An echoed prompt's first token has no logprob: the worker sends NaN, reported as null."""
+    logprobs = CompletionLogprobs()
+    for entry in entries:
+        known = not math.isnan(entry.logprob)
+        logprobs.tokens.append(entry.token)
+        logprobs.token_logprobs.append(entry.logprob if known else None)
+        top = {alt.token: alt.logprob for alt in entry.top_logprobs}
+        logprobs.top_logprobs.append(top if known else None)
+        logprobs.text_offset.append(offset)
+        offset += len(entry.token)
+    return logprobs
+
+
+def _base64_floats(values: Sequence[float]) -> str:
+    """Little-endian float32 bytes in base64, as the OpenAI SDK decodes them."""
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+
+
+def _sse(chunk: BaseModel, include_usage: bool) -> str:
+    exclude = None if include_usage else {"usage"}
+    return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+def _sse_error(error: APIError | ChatfleetError | grpc.aio.AioRpcError) -> str:
+    api_error = to_api_error(error)
+    logger.warning("stream failed after it started: %s", api_error.message)
+    return f"data: {json.dumps(api_error.body())}\n\n"
+
+
+# --- stream plumbing ------------------------------------------------------------------------------
+
+
+async def _next(stream: AsyncIterator[T]) -> T:
+    return await stream.__anext__()
+
+
+async def _merge(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
+    """Interleave several streams as their items arrive, tagging each item with its stream's index.
+
+    The first failure ends the merge; closing it (or cancelling its reader) cancels every stream's
+    pending read, which cancels that stream's gRPC call.
+    """
+    pending = {asyncio.ensure_future(_next(stream)): i for i, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                index = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(_next(streams[index]))] = index
+                yield index, item
+    finally:
+        for task in pending:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: its failure is moot once the merge is over
+            task.cancel()
+        if pending:
+            # Let the cancelled reads unwind so each call is cancelled before the caller goes on.
+            await asyncio.wait(pending)
+
+
+async def _first(
+    stream: AsyncGenerator[tuple[int, T], None],
+) -> tuple[int, T] | None:
+    """Wait for a stream's first item (None if it has none), so that an early failure is raised
+    here, before any HTTP response has started."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
+
+
+async def _chain(
+    first: tuple[int, T] | None, rest: AsyncIterator[tuple[int, T]]
+) -> AsyncGenerator[tuple[int, T], None]:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
