@@ -70,7 +70,8 @@ class ServiceProcess:
     async def wait_exit(self, timeout: float | None = None) -> int:
         """Wait for the process to end and return its exit code."""
         assert self.process is not None
-        return await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout)
+        await asyncio.wait_for(_exited(self.process), timeout)
+        return self.process.wait()
 
     def signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -89,8 +90,7 @@ class ServiceProcess:
             return await self.wait_exit(timeout)
 
     async def _watch_exit(self) -> None:
-        assert self.process is not None
-        code = await asyncio.to_thread(self.process.wait)
+        code = await self.wait_exit()
         raise ServiceExited(f"{self.name} exited with code {code} before it was ready")
 
     async def _until_exit_or(self, waiter: asyncio.Future[None], timeout: float) -> None:
@@ -106,9 +106,8 @@ class ServiceProcess:
         finally:
             for task in (watcher, waiter):
                 task.cancel()
-            # The exit watcher's thread ends with the process; don't wait for it here.
             with contextlib.suppress(asyncio.CancelledError, ServiceExited):
-                await waiter
+                await asyncio.gather(watcher, waiter)
 
     async def wait_grpc_serving(self, address: str, timeout: float) -> None:
         """Ready when the server's grpc.health.v1 Watch says SERVING."""
@@ -117,6 +116,29 @@ class ServiceProcess:
     async def wait_http_ok(self, url: str, timeout: float) -> None:
         """Ready when GET url answers 200."""
         await self._until_exit_or(asyncio.ensure_future(wait_http_ok(url)), timeout)
+
+
+async def _exited(process: subprocess.Popen[bytes]) -> None:
+    """Return once process has ended, woken by its pidfd rather than by polling or a thread
+    (a thread blocked in wait() would keep asyncio.run from returning)."""
+    if process.poll() is not None:
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    fd = os.pidfd_open(process.pid)
+    try:
+        loop.add_reader(fd, readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
 
 
 async def wait_grpc_serving(address: str, service: str = "") -> None:

@@ -59,8 +59,8 @@ def test_generate_stream(stack: Stack) -> None:
     messages = [json.loads(part) for part in out.replace("}\n{", "}\x00{").split("\x00")]
     text = "".join(message.get("text", "") for message in messages)
     assert "Paris" in text
-    assert messages[-1]["finishReason"] in {"FINISH_REASON_STOP", "FINISH_REASON_LENGTH"}
-    assert int(messages[-1]["usage"]["completionTokens"]) > 0
+    assert messages[-1]["finish_reason"] in {"FINISH_REASON_STOP", "FINISH_REASON_LENGTH"}
+    assert int(messages[-1]["usage"]["completion_tokens"]) > 0
 
 
 def test_controller_lists_worker(stack: Stack) -> None:
