@@ -37,6 +37,9 @@ class WorkerConfig:
     max_running: int = 16
     max_waiting: int = 256
     threads: int | None = None
+    max_batch_tokens: int = EngineOptions.max_batch_tokens
+    kv_cache_tokens: int = EngineOptions.kv_cache_tokens
+    packed: bool = EngineOptions.packed
     heartbeat_interval: float = 5.0
     # How long in-flight requests may take to finish after SIGTERM.
     shutdown_grace: float = 10.0
@@ -63,6 +66,13 @@ class WorkerConfig:
             raise ValueError(f"--max-queue must not be negative, got {self.max_waiting}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.max_batch_tokens < self.max_running:
+            raise ValueError(
+                f"--max-batch-tokens ({self.max_batch_tokens}) must be at least "
+                f"--max-batch-size ({self.max_running})"
+            )
+        if self.kv_cache_tokens < 256:
+            raise ValueError(f"--kv-cache-tokens must be at least 256, got {self.kv_cache_tokens}")
         if not self.heartbeat_interval > 0:
             raise ValueError(f"--heartbeat-interval must be > 0, got {self.heartbeat_interval}")
         if not self.shutdown_grace >= 0:
@@ -79,6 +89,9 @@ class WorkerConfig:
             max_running=self.max_running,
             max_waiting=self.max_waiting,
             threads=self.threads,
+            max_batch_tokens=self.max_batch_tokens,
+            kv_cache_tokens=self.kv_cache_tokens,
+            packed=self.packed,
         )
 
     def advertised_address(self, bound_port: int) -> str:
@@ -106,6 +119,9 @@ class WorkerConfig:
             max_running=ns.max_batch_size,
             max_waiting=ns.max_queue,
             threads=ns.threads or None,
+            max_batch_tokens=ns.max_batch_tokens,
+            kv_cache_tokens=ns.kv_cache_tokens,
+            packed=ns.packed,
             heartbeat_interval=ns.heartbeat_interval,
             shutdown_grace=ns.shutdown_grace,
             log_level=ns.log_level.upper(),
@@ -248,6 +264,25 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         default=None,
         type=int,
         help="torch intra-op threads (default: torch's choice)",
+    )
+    flags.add(
+        "--max-batch-tokens",
+        default=defaults.max_batch_tokens,
+        type=int,
+        help="tokens one engine step forwards: a token per decoding request, prompt chunks of "
+        "joining requests in the rest (chunked prefill)",
+    )
+    flags.add(
+        "--kv-cache-tokens",
+        default=defaults.kv_cache_tokens,
+        type=int,
+        help="KV cache budget per model in token positions; the newest requests wait when full",
+    )
+    flags.add_bool(
+        "--packed",
+        default=defaults.packed,
+        help="batch all running requests in one packed forward (Llama-family models); "
+        "--no-packed forwards each request alone",
     )
     flags.add(
         "--heartbeat-interval",

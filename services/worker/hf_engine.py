@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import enum
-import inspect
 import logging
 import threading
 from collections import deque
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from transformers import DynamicCache
 
 from services.common.errors import (
     InvalidRequestError,
@@ -51,6 +50,13 @@ from services.worker.engine import (
 )
 from services.worker.loading import EngineOptions, LoadedModel, LoadPlan, ModelKind
 from services.worker.prompts import EncodedPrompt, encode_prompt, validate_messages
+from services.worker.runner import (
+    CAPACITY_QUANTUM,
+    ForwardItem,
+    HFRunner,
+    ModelRunner,
+    create_runner,
+)
 from services.worker.sampling import (
     MAX_TOP_LOGPROBS,
     RowLogprobs,
@@ -83,12 +89,28 @@ class SequenceState:
     loop: asyncio.AbstractEventLoop | None
     queue: asyncio.Queue[QueueItem]
     output_ids: list[int] = field(default_factory=list)
-    cache: Any = None  # the KV cache, created by prefill and dropped on retirement
+    # Positions whose keys and values are in the runner's cache. Tokens past it are fed next:
+    # the prompt in chunks, then one token per step; 0 again after a preemption.
+    computed: int = 0
     cancelled: bool = False  # set from the event loop; the engine thread retires it next step
     finished: bool = False  # the final chunk was produced
     # Tokens whose text is still held back (incomplete character or possible stop string).
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Prompt plus output tokens."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def pending_tokens(self, limit: int) -> list[int]:
+        """Up to `limit` tokens not in the cache yet: a prompt chunk, the last sampled token, or
+        after a preemption the prompt and the output so far."""
+        start, n_prompt = self.computed, len(self.prompt_ids)
+        end = min(self.length, start + limit)
+        if start >= n_prompt:
+            return self.output_ids[start - n_prompt : end - n_prompt]
+        return self.prompt_ids[start:end] + self.output_ids[: max(0, end - n_prompt)]
 
     def final_chunk(
         self, text: str, reason: FinishReason, stop_reason: str = ""
@@ -138,8 +160,8 @@ class _Job:
 class Work:
     """What one engine-thread iteration does."""
 
-    admitted: list[SequenceState]  # to prefill
-    decoding: list[SequenceState]  # already prefilled, to advance by one token
+    running: list[SequenceState]  # in admission order
+    retired: list[SequenceState]  # left since the last step: their cache is to be freed
     jobs: list[_Job]
 
 
@@ -154,6 +176,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: deque[SequenceState] = deque()
         self._running: list[SequenceState] = []
+        self._retired: list[SequenceState] = []
         self._jobs: list[_Job] = []
         self._drained: list[Callable[[], None]] = []
         self.state = EngineState.NEW
@@ -242,18 +265,23 @@ class Scheduler:
                     break
                 self._notify_drained_locked()
                 self._cond.wait()
-            decoding = list(self._running)
-            admitted: list[SequenceState] = []
             while self._waiting and len(self._running) < self.max_running:
-                seq = self._waiting.popleft()
-                self._running.append(seq)
-                admitted.append(seq)
+                self._running.append(self._waiting.popleft())
             jobs, self._jobs = self._jobs, []
-            return Work(admitted, decoding, jobs)
+            retired, self._retired = self._retired, []
+            return Work(list(self._running), retired, jobs)
 
     def retire(self, seq: SequenceState) -> None:
         with self._cond:
             self._retire_locked(seq)
+
+    def preempt(self, seq: SequenceState) -> None:
+        """Send a running sequence back to the head of the queue (its cache was dropped)."""
+        with self._cond:
+            if seq in self._running:
+                self._running.remove(seq)
+                if not seq.cancelled:
+                    self._waiting.appendleft(seq)
 
     def take_all(self) -> tuple[list[SequenceState], list[_Job]]:
         """Empty the engine (at stop): everything still waiting or running, and pending jobs."""
@@ -275,9 +303,9 @@ class Scheduler:
             )
 
     def _retire_locked(self, seq: SequenceState) -> None:
-        seq.cache = None  # drop the KV cache now rather than whenever the consumer lets go
         if seq in self._running:
             self._running.remove(seq)
+            self._retired.append(seq)
 
     def _notify_drained_locked(self) -> None:
         if self._drained and not (self._waiting or self._running or self._jobs):
@@ -307,7 +335,7 @@ class HFEngine(Engine):
         self._token_texts: dict[int, str] = {}
         self._byte_tokens: frozenset[int] = frozenset()
         self._encoder: Callable[..., Any] | None = None
-        self._prefill_kwargs: dict[str, Any] = {}
+        self._runner: ModelRunner | None = None
 
     # -- Engine interface -------------------------------------------------------------------
 
@@ -551,10 +579,23 @@ class HFEngine(Engine):
         self._decode_text = make_decode_fn(loaded.tokenizer, skip_special_tokens=True)
         self._decode_special = make_decode_fn(loaded.tokenizer, skip_special_tokens=False)
         self._byte_tokens = byte_fallback_ids(loaded.tokenizer)
-        if "logits_to_keep" in inspect.signature(loaded.model.forward).parameters:
-            # Only the last position's logits are needed after a prefill (as in HF generate).
-            self._prefill_kwargs = {"logits_to_keep": 1}
         if self._plan.kind is ModelKind.CAUSAL_LM:
+            options = self._options
+            self._runner = (
+                create_runner(loaded.model, options.max_running, options.kv_cache_tokens)
+                if options.packed
+                else HFRunner(loaded.model, options.max_running, options.kv_cache_tokens)
+            )
+            # One sequence must always fit the KV cache on its own.
+            budget = options.kv_cache_tokens // CAPACITY_QUANTUM * CAPACITY_QUANTUM
+            if loaded.context_length > budget:
+                logger.warning(
+                    "%s: context %d capped to the KV cache budget of %d tokens",
+                    self._plan.names[0],
+                    loaded.context_length,
+                    budget,
+                )
+                loaded = dataclasses.replace(loaded, context_length=budget)
             # The decoder stack without the LM head: last hidden states for embeddings.
             base = loaded.model.base_model
 
@@ -567,42 +608,73 @@ class HFEngine(Engine):
         self._loaded = loaded
 
     def _serve(self) -> None:
+        runner = self._runner
         while (work := self._scheduler.next_work()) is not None:
+            if runner is not None:
+                for seq in work.retired:
+                    runner.release(seq)
             for job in work.jobs:
                 job.run()
-            if not (work.admitted or work.decoding):
+            if not work.running:
                 continue
             try:
-                self._step(work.admitted, work.decoding)
+                self._step(work.running)
             except Exception as exc:  # the engine thread must survive; the step's requests fail
-                logger.exception("engine step failed; failing %d request(s)", len(work.decoding))
-                failed = [*work.admitted, *work.decoding]
-                for seq in failed:
+                logger.exception("engine step failed; failing %d request(s)", len(work.running))
+                for seq in work.running:
                     seq.finished = True
                     self._scheduler.retire(seq)
-                self._deliver((seq, exc) for seq in failed)
+                    if runner is not None:
+                        runner.release(seq)
+                self._deliver((seq, exc) for seq in work.running)
         seqs, jobs = self._scheduler.take_all()
         for job in jobs:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(UnavailableError("the model is shutting down"))
-        for seq in seqs:
-            seq.cache = None
+        if runner is not None:
+            for seq in seqs:
+                runner.release(seq)
         self._deliver(
             (seq, seq.final_chunk("", FinishReason.CANCELLED)) for seq in seqs if not seq.cancelled
         )
 
-    def _step(self, admitted: list[SequenceState], decoding: list[SequenceState]) -> None:
+    def _step(self, running: list[SequenceState]) -> None:
+        """One forward over every running sequence: a token each for those decoding, prompt
+        chunks for those joining (within max_batch_tokens), then sampling where due."""
+        runner = self._runner
+        assert runner is not None
+        # Under KV pressure the newest sequences wait (keeping their output) until room frees.
+        while len(running) > 1 and not runner.fits([seq.length for seq in running]):
+            victim = running.pop()
+            runner.release(victim)
+            victim.computed = 0
+            self._scheduler.preempt(victim)
+            logger.info("preempted %s: the KV cache budget is full", victim.request_id)
+        budget = self._options.max_batch_tokens
+        decoding = [seq for seq in running if seq.computed == seq.length - 1]
+        joining = [seq for seq in running if seq.computed < seq.length - 1]
+        items: list[ForwardItem] = []
+        for seq in decoding:
+            items.append(ForwardItem(seq, seq.pending_tokens(1), seq.computed, True))
+        budget -= len(decoding)
+        for seq in joining:
+            if budget <= 0:
+                break
+            tokens = seq.pending_tokens(budget)
+            done = seq.computed + len(tokens) == seq.length
+            items.append(ForwardItem(seq, tokens, seq.computed, done))
+            budget -= len(tokens)
+        logits = runner.forward(items)
         batch: list[SequenceState] = []
-        logits: list[torch.Tensor] = []
-        for seq in admitted:
-            logits.append(self._prefill(seq))
-            batch.append(seq)
-        if decoding:
-            logits.append(self._decode_step(decoding))
-            batch.extend(decoding)
-        out = sample(
-            logits[0] if len(logits) == 1 else torch.cat(logits), [s.sampling for s in batch]
-        )
+        for item in items:
+            fed = item.key
+            assert isinstance(fed, SequenceState)
+            fed.computed += len(item.token_ids)
+            if item.want_logits:
+                batch.append(fed)
+        if not batch:
+            return
+        out = sample(logits, [s.sampling for s in batch])
         deliveries: list[tuple[SequenceState, QueueItem]] = []
         for seq, token_id, row_logprobs in zip(batch, out.token_ids, out.logprobs, strict=True):
             chunk = self._advance(seq, token_id, row_logprobs)
@@ -610,33 +682,8 @@ class HFEngine(Engine):
                 deliveries.append((seq, chunk))
             if seq.finished:
                 self._scheduler.retire(seq)
+                runner.release(seq)
         self._deliver(deliveries)
-
-    def _prefill(self, seq: SequenceState) -> torch.Tensor:
-        """The prompt through the model into a fresh cache; logits [1, V] for the first token."""
-        loaded = self._loaded
-        assert loaded is not None
-        seq.cache = DynamicCache(config=loaded.model.config)
-        input_ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=loaded.device)
-        out = loaded.model(
-            input_ids=input_ids, past_key_values=seq.cache, use_cache=True, **self._prefill_kwargs
-        )
-        return out.logits[:, -1, :]
-
-    def _decode_step(self, seqs: SequenceOf[SequenceState]) -> torch.Tensor:
-        """Forward each sequence's last token through its cache; logits [B, V] in `seqs` order.
-
-        The one place that knows caches are per sequence: a batched version feeds all last
-        tokens as one [B, 1] input over a shared cache and returns the same [B, V].
-        """
-        loaded = self._loaded
-        assert loaded is not None
-        rows = []
-        for seq in seqs:
-            input_ids = torch.tensor([[seq.output_ids[-1]]], dtype=torch.long, device=loaded.device)
-            out = loaded.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True)
-            rows.append(out.logits[:, -1, :])
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def _advance(
         self, seq: SequenceState, token_id: int, logprobs: RowLogprobs | None

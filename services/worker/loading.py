@@ -59,6 +59,13 @@ class EngineOptions:
     max_running: int = 16  # requests decoded together
     max_waiting: int = 256  # bounded admission queue; beyond it -> OverloadedError
     threads: int | None = None  # torch intra-op threads; None = torch default
+    # Tokens one engine step may forward: every decoding sequence's next token, and prompt
+    # chunks of joining sequences filling the rest (chunked prefill).
+    max_batch_tokens: int = 512
+    # KV cache budget, in token positions over all running sequences (rows x capacity).
+    kv_cache_tokens: int = 65_536
+    # The packed batched runner for Llama-family models; False forces the per-sequence path.
+    packed: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
@@ -73,6 +80,13 @@ class EngineOptions:
             raise ValueError(f"max_waiting must be 0 or more, got {self.max_waiting}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.max_batch_tokens < self.max_running:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_running "
+                f"({self.max_running}): every running sequence decodes one token per step"
+            )
+        if self.kv_cache_tokens < 256:
+            raise ValueError(f"kv_cache_tokens must be at least 256, got {self.kv_cache_tokens}")
 
 
 class ModelKind(enum.Enum):

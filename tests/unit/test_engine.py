@@ -122,14 +122,29 @@ def hf_greedy(model: AutoModelForCausalLM, prompt: list[int], max_new_tokens: in
     return out[0, len(prompt) :].tolist()
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param({}, id="packed"),
+        pytest.param({"packed": False}, id="per-sequence"),
+        # Prompts arrive in chunks of a few tokens, interleaved with the others' decoding.
+        pytest.param({"max_batch_tokens": 8}, id="chunked-prefill"),
+        # Room for one sequence at a time: the newest are preempted and recomputed.
+        pytest.param({"kv_cache_tokens": 256}, id="preemption"),
+    ],
+)
 async def test_concurrent_greedy_matches_hf_generate_alone(
-    llama_dir: Path, hf_model: AutoModelForCausalLM
+    llama_dir: Path,
+    hf_model: AutoModelForCausalLM,
+    variant: dict[str, int],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level("INFO", logger="services.worker.hf_engine")
     rng = random.Random(1)
     specs = [(3, 60), (17, 16), (60, 30), (9, 24), (33, 8)]
     prompts = [random_prompt(rng, n) for n, _ in specs]
     # 3 slots for 5 requests: some wait, and they join while others are mid-generation.
-    engine = await started(llama_dir, max_running=3)
+    engine = await started(llama_dir, max_running=3, **variant)
     try:
         first_progress = asyncio.Event()
         second_progress = asyncio.Event()
@@ -157,6 +172,8 @@ async def test_concurrent_greedy_matches_hf_generate_alone(
         assert result.token_ids == expected
         assert result.final.completion_tokens == len(expected)
         assert result.final.prompt_tokens == len(prompt)
+    if "kv_cache_tokens" in variant:
+        assert any("preempted" in record.getMessage() for record in caplog.records)
 
 
 async def test_streamed_text_is_the_decoded_completion(engine: Engine, llama_dir: Path) -> None:

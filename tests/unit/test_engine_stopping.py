@@ -103,18 +103,22 @@ def test_scheduler_bounds_running_plus_waiting_and_admits_in_order() -> None:
         scheduler.submit(fake_sequence("one too many"))
     assert scheduler.load().waiting == 4
     work = scheduler.next_work()
-    assert work is not None and work.admitted == seqs[:2] and work.decoding == []
+    assert work is not None and work.running == seqs[:2] and work.retired == []
     assert (scheduler.load().running, scheduler.load().waiting) == (2, 2)
-    # A cancelled waiting request leaves the queue at once; a running one at the next step.
+    # A cancelled waiting request leaves the queue at once; a running one at the next step,
+    # which hands it over to have its cache freed.
     scheduler.cancel(seqs[3])
     scheduler.cancel(seqs[0])
     assert (scheduler.load().running, scheduler.load().waiting) == (1, 1)
-    seqs[1].cache = object()
     work = scheduler.next_work()
-    assert work is not None and work.admitted == [seqs[2]] and work.decoding == [seqs[1]]
-    assert seqs[0].cache is None
+    assert work is not None and work.running == [seqs[1], seqs[2]] and work.retired == [seqs[0]]
     scheduler.retire(seqs[1])
-    assert seqs[1].cache is None and scheduler.load().running == 1
+    assert scheduler.load().running == 1
+    # A preempted sequence goes back to the head of the queue.
+    scheduler.preempt(seqs[2])
+    assert (scheduler.load().running, scheduler.load().waiting) == (0, 1)
+    work = scheduler.next_work()
+    assert work is not None and work.running == [seqs[2]] and work.retired == [seqs[1]]
     scheduler.set_state(EngineState.STOPPING)
     assert scheduler.next_work() is None
     left, jobs = scheduler.take_all()

@@ -1,0 +1,339 @@
+"""Model runners: one forward pass per engine step over every running sequence.
+
+A step is a list of `ForwardItem`s: one token for each decoding sequence plus prompt chunks of
+sequences being prefilled. `PackedRunner` runs them as ONE forward of the packed tokens (no
+padding) over a KV cache of dense per-sequence rows, for Llama-family decoders; `HFRunner` is the
+generic fallback that forwards each sequence through transformers with its own DynamicCache.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import logging
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+# Decoder layers these architectures share: pre-norm attention (optionally with per-head q/k
+# norms) and MLP blocks, rotary positions, no sliding window.
+PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Cache capacity grows in steps of this many positions, so reallocations stay rare.
+CAPACITY_QUANTUM = 256
+
+
+class CacheFullError(RuntimeError):
+    """The KV cache budget cannot hold what the step needs; the scheduler must preempt."""
+
+
+@dataclass(frozen=True)
+class ForwardItem:
+    """Tokens of one sequence to run this step."""
+
+    key: Hashable  # the sequence: its cache row
+    token_ids: Sequence[int]  # one token when decoding, a prompt chunk when prefilling
+    start: int  # position of token_ids[0]; the cache already holds positions [0, start)
+    want_logits: bool  # return the logits after the last token (the sequence samples next)
+
+
+class ModelRunner(abc.ABC):
+    """Runs steps of a causal LM and owns the KV cache of every running sequence."""
+
+    max_cache_tokens: int
+
+    @abc.abstractmethod
+    def fits(self, lengths: Sequence[int]) -> bool:
+        """Whether sequences of these total lengths fit in the cache together."""
+
+    @abc.abstractmethod
+    def release(self, key: Hashable) -> None:
+        """Forget a sequence and free its cache (no-op for an unknown key)."""
+
+    @abc.abstractmethod
+    def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
+        """Run one step; logits [n, V] for the items that want them, in order."""
+
+
+def packed_unsupported_reason(model: PreTrainedModel) -> str | None:
+    """Why PackedRunner can't run this model, or None when it can."""
+    config = model.config
+    if config.model_type not in PACKED_MODEL_TYPES:
+        return f"model type {config.model_type!r} has no packed implementation"
+    window = getattr(config, "sliding_window", None)
+    use_window = getattr(config, "use_sliding_window", window is not None)
+    if window is not None and use_window:
+        return "sliding-window attention is not supported by the packed runner"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return "only full attention layers are supported by the packed runner"
+    return None
+
+
+class PackedRunner(ModelRunner):
+    """All items of a step in one forward over the packed tokens [N].
+
+    Linear layers and norms see the N tokens as one matrix, so the weights are read once per
+    step whatever the batch. Attention runs per group: one SDPA call for all decoding rows over
+    a view of the cache, one per prefill chunk. The cache keeps each sequence's keys and values
+    contiguous in its own row of [rows, kv_heads, capacity, head_dim] tensors; rows stay dense
+    (a freed row is filled by the last one) so attention reads plain views, never gathers.
+    """
+
+    def __init__(self, model: PreTrainedModel, max_rows: int, max_cache_tokens: int) -> None:
+        reason = packed_unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(reason)
+        config = model.config
+        self.model = model
+        self.decoder = model.model
+        self.layers = list(self.decoder.layers)
+        self.max_rows = max_rows
+        self.max_cache_tokens = max_cache_tokens
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scaling = self.layers[0].self_attn.scaling
+        self.device = model.device
+        self.dtype = model.dtype
+        self.context_length = int(config.max_position_embeddings)
+        self._row_of: dict[Hashable, int] = {}
+        self._keys: list[Hashable] = []  # row -> key
+        self._length: dict[Hashable, int] = {}  # positions held in the cache, per sequence
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self._capacity = 0
+        self._allocated_rows = 0
+
+    # -- cache ---------------------------------------------------------------------------
+
+    def fits(self, lengths: Sequence[int]) -> bool:
+        if len(lengths) > self.max_rows:
+            return False
+        return len(lengths) * _round_up(max(lengths, default=0)) <= self.max_cache_tokens
+
+    def release(self, key: Hashable) -> None:
+        row = self._row_of.pop(key, None)
+        self._length.pop(key, None)
+        if row is None:
+            return
+        last = len(self._keys) - 1
+        if row != last:
+            moved = self._keys[last]
+            for cache in (*self._k, *self._v):
+                cache[row].copy_(cache[last])
+            self._keys[row] = moved
+            self._row_of[moved] = row
+        self._keys.pop()
+        if not self._keys:
+            # Idle: give the memory back rather than keep the peak of the last burst.
+            self._k, self._v = [], []
+            self._capacity = self._allocated_rows = 0
+
+    def _ensure(self, rows: int, length: int) -> None:
+        """Make the cache hold `rows` rows of `length` positions: grow it when it is too small,
+        shrink its capacity when a long sequence has left and the budget needs the room."""
+        needed = _round_up(length)
+        capacity = max(self._capacity, needed)
+        if rows * capacity > self.max_cache_tokens:
+            capacity = needed
+        allocated = max(self._allocated_rows, rows)
+        if allocated * capacity > self.max_cache_tokens:
+            allocated = rows
+        if capacity == self._capacity and allocated == self._allocated_rows:
+            return
+        if rows * capacity > self.max_cache_tokens:
+            raise CacheFullError(
+                f"{rows} sequences of {length} positions exceed the KV cache budget "
+                f"of {self.max_cache_tokens} tokens"
+            )
+        # Allocate rows in small groups so a growing batch reallocates only a few times.
+        allocated = min(self.max_rows, max(allocated, _round_up(rows, 4)))
+        while allocated * capacity > self.max_cache_tokens:
+            allocated -= 1
+        shape = (allocated, self.num_kv_heads, capacity, self.head_dim)
+        used_rows = len(self._keys)
+        kept = min(self._capacity, capacity)
+
+        def grown(old: torch.Tensor | None) -> torch.Tensor:
+            new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if old is not None and used_rows:
+                new[:used_rows, :, :kept].copy_(old[:used_rows, :, :kept])
+            return new
+
+        layers = len(self.layers)
+        olds_k: list[torch.Tensor | None] = list(self._k) or [None] * layers
+        olds_v: list[torch.Tensor | None] = list(self._v) or [None] * layers
+        self._k = [grown(old) for old in olds_k]
+        self._v = [grown(old) for old in olds_v]
+        self._capacity, self._allocated_rows = capacity, allocated
+        logger.debug("KV cache now %d rows x %d positions", allocated, capacity)
+
+    # -- forward -------------------------------------------------------------------------
+
+    def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
+        new_keys = [item.key for item in items if item.key not in self._row_of]
+        ends = {**self._length, **{i.key: i.start + len(i.token_ids) for i in items}}
+        self._ensure(len(self._keys) + len(new_keys), max(ends.values()))
+        for key in new_keys:
+            self._row_of[key] = len(self._keys)
+            self._keys.append(key)
+        self._length = ends
+
+        device = self.device
+        decode = [item for item in items if len(item.token_ids) == 1]
+        prefill = [item for item in items if len(item.token_ids) > 1]
+        ordered = decode + prefill  # decode tokens first: they form one attention group
+        tokens = [t for item in ordered for t in item.token_ids]
+        positions = [
+            p for item in ordered for p in range(item.start, item.start + len(item.token_ids))
+        ]
+        rows = [self._row_of[item.key] for item in ordered for _ in item.token_ids]
+        token_t = torch.tensor(tokens, dtype=torch.long, device=device)
+        position_t = torch.tensor(positions, dtype=torch.long, device=device)
+        row_t = torch.tensor(rows, dtype=torch.long, device=device)
+
+        # Decode group: every cache row up to the longest decoding sequence, one query per
+        # decoding row; rows not decoding this step get no query (their output is dropped).
+        n_rows = len(self._keys)
+        decode_rows = row_t[: len(decode)]
+        decode_len = max((item.start + 1 for item in decode), default=0)
+        decode_mask = None
+        if decode:
+            # Rows without a query still attend to one position: a fully masked row is NaN.
+            lengths = torch.ones(n_rows, dtype=torch.long, device=device)
+            lengths[decode_rows] = position_t[: len(decode)] + 1
+            kv_positions = torch.arange(decode_len, device=device)
+            decode_mask = (kv_positions[None, :] < lengths[:, None])[:, None, None, :]
+        prefill_groups = []
+        offset = len(decode)
+        for item in prefill:
+            n = len(item.token_ids)
+            total = item.start + n
+            query_pos = torch.arange(item.start, total, device=device)
+            causal = torch.arange(total, device=device)[None, :] <= query_pos[:, None]
+            prefill_groups.append((offset, n, self._row_of[item.key], total, causal[None, None]))
+            offset += n
+
+        hidden = self.decoder.embed_tokens(token_t)  # [N, hidden]
+        cos, sin = self.decoder.rotary_emb(hidden, position_t[None, :])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [N, 1, head_dim]
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
+            k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache_k, cache_v = self._k[index], self._v[index]
+            cache_k[row_t, :, position_t] = k
+            cache_v[row_t, :, position_t] = v
+            out = torch.empty_like(q)
+            if decode:
+                query = q.new_zeros(n_rows, self.num_heads, 1, self.head_dim)
+                query[decode_rows, :, 0] = q[: len(decode)]
+                attended = F.scaled_dot_product_attention(
+                    query,
+                    cache_k[:n_rows, :, :decode_len],
+                    cache_v[:n_rows, :, :decode_len],
+                    attn_mask=decode_mask,
+                    scale=self.scaling,
+                    enable_gqa=True,
+                )
+                out[: len(decode)] = attended[decode_rows, :, 0]
+            for start, n, row, total, causal in prefill_groups:
+                attended = F.scaled_dot_product_attention(
+                    q[start : start + n].transpose(0, 1)[None],
+                    cache_k[row : row + 1, :, :total],
+                    cache_v[row : row + 1, :, :total],
+                    attn_mask=causal,
+                    scale=self.scaling,
+                    enable_gqa=True,
+                )
+                out[start : start + n] = attended[0].transpose(0, 1)
+            hidden = hidden + attn.o_proj(out.reshape(len(tokens), -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+        # Logits only where a token is sampled next: the last token of each wanting item.
+        last_index: dict[Hashable, int] = {}
+        cursor = 0
+        for item in ordered:
+            cursor += len(item.token_ids)
+            last_index[item.key] = cursor - 1
+        wanted = [last_index[item.key] for item in items if item.want_logits]
+        if not wanted:
+            return hidden.new_empty(0, self.model.config.vocab_size)
+        picked = hidden[torch.tensor(wanted, dtype=torch.long, device=device)]
+        return self.model.lm_head(self.decoder.norm(picked)).float()
+
+
+class HFRunner(ModelRunner):
+    """The generic path: each sequence forwarded alone through transformers with its own
+    DynamicCache. Correct for any causal LM transformers can load; slower than PackedRunner
+    because every sequence reads the weights once per step."""
+
+    def __init__(self, model: PreTrainedModel, max_rows: int, max_cache_tokens: int) -> None:
+        self.model = model
+        self.max_rows = max_rows
+        self.max_cache_tokens = max_cache_tokens
+        self._caches: dict[Hashable, Any] = {}
+        # Only the last position's logits are needed (as in HF generate), where supported.
+        self._forward_kwargs: dict[str, Any] = (
+            {"logits_to_keep": 1}
+            if "logits_to_keep" in inspect.signature(model.forward).parameters
+            else {}
+        )
+
+    def fits(self, lengths: Sequence[int]) -> bool:
+        return len(lengths) <= self.max_rows and sum(lengths) <= self.max_cache_tokens
+
+    def release(self, key: Hashable) -> None:
+        self._caches.pop(key, None)
+
+    def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
+        rows = []
+        for item in items:
+            cache = self._caches.get(item.key)
+            if cache is None or item.start == 0:
+                cache = self._caches[item.key] = DynamicCache(config=self.model.config)
+            n = len(item.token_ids)
+            device = self.model.device
+            input_ids = torch.tensor([list(item.token_ids)], dtype=torch.long, device=device)
+            out = self.model(
+                input_ids=input_ids,
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=torch.arange(item.start, item.start + n, device=device),
+                **self._forward_kwargs,
+            )
+            if item.want_logits:
+                rows.append(out.logits[:, -1, :].float())
+        if not rows:
+            return torch.empty(0, self.model.config.vocab_size)
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def create_runner(model: PreTrainedModel, max_rows: int, max_cache_tokens: int) -> ModelRunner:
+    """The packed runner where the architecture allows it, else the generic one."""
+    reason = packed_unsupported_reason(model)
+    if reason is None:
+        return PackedRunner(model, max_rows, max_cache_tokens)
+    logger.info("using the per-sequence runner: %s", reason)
+    return HFRunner(model, max_rows, max_cache_tokens)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _round_up(value: int, quantum: int = CAPACITY_QUANTUM) -> int:
+    return -(-value // quantum) * quantum
