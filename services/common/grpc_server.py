@@ -40,12 +40,18 @@ CHANNEL_OPTIONS = [
 
 @dataclass
 class GrpcServer:
-    """A started server, the port it got and its health servicer."""
+    """A server, the port it is bound to and its health servicer."""
 
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+
+    async def start(self) -> None:
+        """Start accepting calls, reporting NOT_SERVING for "" and every service until
+        `set_serving(True)`: the stock health servicer would report "" SERVING from the start."""
+        await self.set_serving(False)
+        await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:
         """Report SERVING or NOT_SERVING for the overall server and each of its services."""
@@ -60,7 +66,7 @@ class GrpcServer:
 
 def create_server(host: str, port: int, service_names: Iterable[str]) -> GrpcServer:
     """Create a server bound to host:port (0 picks a free port) with health (NOT_SERVING until
-    `set_serving(True)`) and reflection. Add the servicers to `.server`, then start it."""
+    `set_serving(True)`) and reflection. Add the servicers to `.server`, then `await .start()`."""
     names = tuple(service_names)
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
@@ -74,6 +80,15 @@ def create_server(host: str, port: int, service_names: Iterable[str]) -> GrpcSer
     return GrpcServer(server=server, port=bound, health=health_servicer, service_names=names)
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    """An async channel with chatfleet's message size and keepalive settings."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def insecure_channel(
+    address: str, *, max_reconnect_backoff_ms: int | None = None
+) -> grpc.aio.Channel:
+    """An async channel with chatfleet's message size and keepalive settings;
+    `max_reconnect_backoff_ms` overrides the longest wait between two connection attempts."""
+    options = CHANNEL_OPTIONS
+    if max_reconnect_backoff_ms is not None:
+        options = [
+            *(option for option in CHANNEL_OPTIONS if option[0] != "grpc.max_reconnect_backoff_ms"),
+            ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
+        ]
+    return grpc.aio.insecure_channel(address, options=options)

@@ -55,7 +55,7 @@ class Controller:
         )
         server = create_server(config.host, config.port, [SERVICE_NAME])
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server.server)
-        await server.server.start()
+        await server.start()
         await server.set_serving(True)
         logger.info("controller listening on %s:%d", config.host, server.port)
         return cls(config=config, grpc=server, registry=registry, watcher=watcher)

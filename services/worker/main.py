@@ -59,9 +59,7 @@ class Worker:
         servicer = WorkerServicer(models)
         server = create_server(config.host, config.port, [SERVICE_NAME])
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server.server)
-        # The stock health servicer starts with "" SERVING: say NOT_SERVING before anyone asks.
-        await server.set_serving(False)
-        await server.server.start()
+        await server.start()  # NOT_SERVING until the models are loaded
         logger.info("worker listening on %s:%d (loading models)", config.host, server.port)
         try:
             await models.start()

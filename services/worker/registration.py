@@ -1,5 +1,10 @@
 """The worker's link to the controller: register, report load by heartbeat, register again when the
-controller forgets the worker (it restarted) or cannot be reached, deregister on shutdown."""
+controller forgets the worker (it restarted) or cannot be reached, deregister on shutdown.
+
+A health Watch stream on the controller notices a restart within about a second, where heartbeats
+would take up to an interval: when the stream breaks, or reports SERVING after it had been lost, the
+worker registers at once.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatfleet.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 from services.common.grpc_server import insecure_channel
@@ -17,13 +23,17 @@ logger = logging.getLogger(__name__)
 
 # Shutdown should not hang on a controller that does not answer.
 _DEREGISTER_TIMEOUT_S = 2.0
+# The longest wait between two attempts to reach a controller that is down (the channel's connection
+# attempts and the Watch's retries): a controller back up is noticed within about this long.
+_MAX_RECONNECT_BACKOFF_S = 1.0
 
 
 class ControllerLink:
     """Keeps one worker registered with the controller for as long as it runs.
 
     `models` and `load` are called for every registration and heartbeat, so they report the
-    worker's state at that moment.
+    worker's state at that moment. `registered` is set while the worker believes the controller
+    knows it.
     """
 
     def __init__(
@@ -49,16 +59,25 @@ class ControllerLink:
         self._channel: grpc.aio.Channel | None = None
         self._stub: controller_pb2_grpc.ControllerServiceStub | None = None
         self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        # Set by the health watch to cut a heartbeat or backoff wait short and register now.
+        self._register_now = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failed_registrations = 0
         self.registered = asyncio.Event()
 
     async def start(self) -> None:
         """Try to register once (so a healthy controller knows the worker when this returns),
         then keep the registration alive in the background."""
-        self._channel = insecure_channel(self.controller_address)
+        self._channel = insecure_channel(
+            self.controller_address,
+            max_reconnect_backoff_ms=int(_MAX_RECONNECT_BACKOFF_S * 1000),
+        )
         self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
         await self._register()
-        self._task = asyncio.create_task(self._run(), name="controller-link")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="controller-link"),
+            asyncio.create_task(self._watch_controller(), name="controller-health-watch"),
+        ]
 
     async def stop(self, *, deregister: bool = True) -> None:
         """Stop heartbeating and, unless told otherwise, deregister from the controller. Does
@@ -66,11 +85,12 @@ class ControllerLink:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        if self._task is not None:
-            # Do not wait out a registration attempt against a slow controller.
-            self._task.cancel()
+        # Do not wait out a registration attempt against a slow controller.
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         # Deregister even if the last attempt looked failed: it may have reached the controller.
         if deregister and self._stub is not None:
             request = controller_pb2.DeregisterWorkerRequest(address=self.worker_address)
@@ -84,36 +104,92 @@ class ControllerLink:
             await self._channel.close()
 
     async def _run(self) -> None:
+        """Heartbeat while registered; otherwise register, with backoff between failures."""
         backoff = self._min_backoff
         while not self._stopping.is_set():
-            if not self.registered.is_set():
-                if await self._register():
-                    backoff = self._min_backoff
-                    continue
-                await self._wait(backoff)
+            if self.registered.is_set():
+                if not await self._wait(self._heartbeat_interval):
+                    await self._heartbeat()
+            elif await self._register():
+                backoff = self._min_backoff
+            elif not await self._wait(backoff):
                 backoff = min(backoff * 2, self._max_backoff)
-                continue
-            if await self._wait(self._heartbeat_interval):
-                return
-            await self._heartbeat()
+
+    async def _watch_controller(self) -> None:
+        """Hold a health Watch on the controller. Register at once when the stream breaks (the
+        controller died or restarted), or when it reports SERVING after the controller was lost
+        or before the worker got registered."""
+        assert self._channel is not None
+        health = health_pb2_grpc.HealthStub(self._channel)
+        lost = False
+        backoff = self._min_backoff
+        while True:
+            # wait_for_ready: while the controller is down the call waits for the channel to
+            # connect (an attempt every _MAX_RECONNECT_BACKOFF_S at most) instead of failing.
+            call = health.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True)
+            # Why the stream ended; None when the controller said it is not serving.
+            problem: str | None = "the controller ended the stream"
+            try:
+                async for response in call:
+                    if response.status != health_pb2.HealthCheckResponse.SERVING:
+                        # It is shutting down: drop the stream (its graceful stop would wait for
+                        # it) and do not register with it.
+                        problem = None
+                        break
+                    backoff = self._min_backoff
+                    if lost or not self.registered.is_set():
+                        logger.info("the controller at %s is serving", self.controller_address)
+                        lost = False
+                        self._request_registration()
+            except grpc.aio.AioRpcError as error:
+                problem = f"{error.code().name} {error.details()}"
+            finally:
+                call.cancel()
+            if not lost:
+                lost = True
+                if problem is None:
+                    logger.info("the controller at %s is not serving", self.controller_address)
+                else:
+                    logger.warning(
+                        "lost the controller at %s (%s); registering again",
+                        self.controller_address,
+                        problem,
+                    )
+                    self._request_registration()
+            # A refused or ended Watch means the controller is on its way out: pause, retry.
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_RECONNECT_BACKOFF_S)
+
+    def _request_registration(self) -> None:
+        self.registered.clear()
+        self._register_now.set()
 
     async def _register(self) -> bool:
         assert self._stub is not None
+        # This attempt answers every request made so far; one made while it runs may mean that it
+        # reached a controller on its way out, so it is not counted as a registration.
+        self._register_now.clear()
         request = controller_pb2.RegisterWorkerRequest(
             address=self.worker_address, models=list(self._models()), load=self._load()
         )
         try:
             response = await self._stub.RegisterWorker(request, timeout=self._rpc_timeout)
         except grpc.aio.AioRpcError as error:
-            logger.warning(
+            self._failed_registrations += 1
+            # Warn once per outage; the retries while the controller stays down are debug noise.
+            logger.log(
+                logging.WARNING if self._failed_registrations == 1 else logging.DEBUG,
                 "cannot register with the controller at %s: %s %s",
                 self.controller_address,
                 error.code().name,
                 error.details(),
             )
             return False
+        self._failed_registrations = 0
         if 0 < response.heartbeat_interval_seconds < self._heartbeat_interval:
             self._heartbeat_interval = float(response.heartbeat_interval_seconds)
+        if self._register_now.is_set():
+            return True  # register again at once
         self.registered.set()
         logger.info("registered as %s with %s", self.worker_address, self.controller_address)
         return True
@@ -134,7 +210,7 @@ class ControllerLink:
             self.registered.clear()
 
     async def _wait(self, seconds: float) -> bool:
-        """Wait `seconds` or until stop; True when stopping."""
+        """Wait `seconds`, or less when a registration is requested; True when cut short."""
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        return self._stopping.is_set()
+            await asyncio.wait_for(self._register_now.wait(), seconds)
+        return self._register_now.is_set()

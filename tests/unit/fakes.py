@@ -134,8 +134,7 @@ class FakeEngine(Engine):
 async def start_health_server() -> GrpcServer:
     """A server with only health and reflection, standing in for a worker; starts NOT_SERVING."""
     server = create_server("127.0.0.1", 0, [])
-    await server.set_serving(False)  # the stock health servicer starts SERVING
-    await server.server.start()
+    await server.start()
     return server
 
 

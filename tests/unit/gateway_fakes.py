@@ -238,7 +238,7 @@ async def fake_fleet(workers: int = 1, **config: Any) -> AsyncIterator[Fleet]:
             fakes.append(fake)
             servers.append(server)
         for server in servers:
-            await server.server.start()
+            await server.start()
             stack.push_async_callback(server.server.stop, None)
             await server.set_serving(True)
         addresses = [fake.address for fake in fakes]

@@ -30,7 +30,7 @@ from services.common.grpc_server import create_server
 
 async def main():
     server = create_server("127.0.0.1", 0, [])
-    await server.server.start()
+    await server.start()
     await server.set_serving(True)
     print(server.port, flush=True)
     await server.server.wait_for_termination()

@@ -59,7 +59,7 @@ async def running(chat_engine: FakeEngine, embed_engine: FakeEngine) -> AsyncIte
     servicer = WorkerServicer(models)
     server = create_server("127.0.0.1", 0, [SERVICE_NAME])
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server.server)
-    await server.server.start()
+    await server.start()
     try:
         async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield Running(servicer, models, server, worker_pb2_grpc.WorkerServiceStub(channel))
