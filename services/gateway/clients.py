@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -142,7 +142,7 @@ class Upstream:
 
     async def generate(
         self, request: worker_pb2.GenerateRequest, *, deadline: Deadline, metadata: Metadata = ()
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
         """Stream a completion from a worker chosen by the controller.
 
         Closing the iterator, or cancelling the task reading it, cancels the gRPC call, and the

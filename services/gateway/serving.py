@@ -382,7 +382,7 @@ class OpenAIServing:
         index: int,
         seed_offset: int,
         many: bool,
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
         call = worker_pb2.GenerateRequest()
         call.CopyFrom(base)
         # Each call of a request needs its own id: the worker keys cancellation on it.
@@ -668,11 +668,13 @@ async def _next(stream: AsyncIterator[T]) -> T:
     return await stream.__anext__()
 
 
-async def _merge(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
+async def _merge(
+    streams: Sequence[AsyncGenerator[T, None]],
+) -> AsyncGenerator[tuple[int, T], None]:
     """Interleave several streams as their items arrive, tagging each item with its stream's index.
 
-    The first failure ends the merge; closing it (or cancelling its reader) cancels every stream's
-    pending read, which cancels that stream's gRPC call.
+    The first failure ends the merge; closing it (or cancelling its reader) closes every stream,
+    which cancels that stream's gRPC call.
     """
     pending = {asyncio.ensure_future(_next(stream)): i for i, stream in enumerate(streams)}
     try:
@@ -688,12 +690,20 @@ async def _merge(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[in
                 yield index, item
     finally:
         for task in pending:
-            if task.done() and not task.cancelled():
+            task.cancel()  # a no-op on the reads that completed
+        for task, index in pending.items():
+            if task.done():
+                # A read completed but its item will never be consumed: that stream waits at a
+                # `yield`, where no cancellation reaches it. Close it now rather than whenever it
+                # is garbage collected.
                 task.exception()  # retrieved: its failure is moot once the merge is over
-            task.cancel()
+                await streams[index].aclose()
         if pending:
-            # Let the cancelled reads unwind so each call is cancelled before the caller goes on.
+            # The other streams are inside a read: let the cancellation unwind them, so each call
+            # is cancelled before the caller goes on.
             await asyncio.wait(pending)
+        for stream in streams:
+            await stream.aclose()  # a no-op but for a stream whose read was cancelled unbegun
 
 
 async def _first(
