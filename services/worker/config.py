@@ -11,11 +11,10 @@ from typing import Any
 
 from services.common.config import FlagParser
 from services.worker.default_models import default_model_specs
-from services.worker.loading import EngineOptions, ModelSpec
+from services.worker.loading import DTYPES, QUANTIZATIONS, EngineOptions, ModelSpec
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 # Environment values of the repeatable model flags hold one entry per model separated by ";"
@@ -40,6 +39,7 @@ class WorkerConfig:
     max_batch_tokens: int = EngineOptions.max_batch_tokens
     kv_cache_tokens: int = EngineOptions.kv_cache_tokens
     packed: bool = EngineOptions.packed
+    quantization: str = EngineOptions.quantization
     heartbeat_interval: float = 5.0
     # How long in-flight requests may take to finish after SIGTERM.
     shutdown_grace: float = 10.0
@@ -73,6 +73,11 @@ class WorkerConfig:
             )
         if self.kv_cache_tokens < 256:
             raise ValueError(f"--kv-cache-tokens must be at least 256, got {self.kv_cache_tokens}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"--quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                f"got {self.quantization!r}"
+            )
         if not self.heartbeat_interval > 0:
             raise ValueError(f"--heartbeat-interval must be > 0, got {self.heartbeat_interval}")
         if not self.shutdown_grace >= 0:
@@ -92,6 +97,7 @@ class WorkerConfig:
             max_batch_tokens=self.max_batch_tokens,
             kv_cache_tokens=self.kv_cache_tokens,
             packed=self.packed,
+            quantization=self.quantization,
         )
 
     def advertised_address(self, bound_port: int) -> str:
@@ -122,6 +128,7 @@ class WorkerConfig:
             max_batch_tokens=ns.max_batch_tokens,
             kv_cache_tokens=ns.kv_cache_tokens,
             packed=ns.packed,
+            quantization=ns.quantization,
             heartbeat_interval=ns.heartbeat_interval,
             shutdown_grace=ns.shutdown_grace,
             log_level=ns.log_level.upper(),
@@ -277,6 +284,12 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         default=defaults.kv_cache_tokens,
         type=int,
         help="KV cache budget per model in token positions; the newest requests wait when full",
+    )
+    flags.add(
+        "--quantization",
+        default=defaults.quantization,
+        choices=QUANTIZATIONS,
+        help="int8: dynamic int8 quantization of linear layers (CPU only)",
     )
     flags.add_bool(
         "--packed",

@@ -575,7 +575,7 @@ class HFEngine(Engine):
             self._thread_done.set_result(None)
 
     def _load(self) -> None:
-        loaded = self._plan.load(self._options.threads)
+        loaded = self._plan.load(self._options.threads, self._options.quantization)
         self._decode_text = make_decode_fn(loaded.tokenizer, skip_special_tokens=True)
         self._decode_special = make_decode_fn(loaded.tokenizer, skip_special_tokens=False)
         self._byte_tokens = byte_fallback_ids(loaded.tokenizer)

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # plus cuda:N
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # names of torch dtypes, plus auto
+QUANTIZATIONS = ("none", "int8")
 # A config may claim 128k positions; a KV cache that long per request does not fit a worker's memory
 # budget, so the served context is capped. Models without any position limit get the fallback.
 MAX_CONTEXT_LENGTH = 32_768
@@ -66,6 +67,9 @@ class EngineOptions:
     kv_cache_tokens: int = 65_536
     # The packed batched runner for Llama-family models; False forces the per-sequence path.
     packed: bool = True
+    # int8: dynamic int8 quantization of the linear layers (CPU only): weights read per token
+    # shrink 4x, which is what bounds single-stream decoding on a CPU.
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
@@ -87,6 +91,11 @@ class EngineOptions:
             )
         if self.kv_cache_tokens < 256:
             raise ValueError(f"kv_cache_tokens must be at least 256, got {self.kv_cache_tokens}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"unknown quantization {self.quantization!r}: expected one of "
+                f"{', '.join(QUANTIZATIONS)}"
+            )
 
 
 class ModelKind(enum.Enum):
@@ -135,7 +144,7 @@ class LoadPlan:
     context_length: int | None = None
     default_sampling: SamplingParams | None = None
 
-    def load(self, threads: int | None = None) -> LoadedModel:
+    def load(self, threads: int | None = None, quantization: str = "none") -> LoadedModel:
         """Load tokenizer and weights (seconds to minutes): call it off the event loop."""
         import torch
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -148,6 +157,8 @@ class LoadPlan:
         auto_class = AutoModelForCausalLM if self.kind is ModelKind.CAUSAL_LM else AutoModel
         model = _from_pretrained(auto_class, self.source, self.device, self.dtype)
         model.eval()
+        if quantization == "int8":
+            model = _quantize_int8(model, self.device)
         config = model.config
         context_length = self.context_length or context_length_of(
             config, self.kind, self.source, tokenizer
@@ -341,6 +352,18 @@ def _from_pretrained(
     if device.type == "cpu":
         model.to(device)
     return model
+
+
+def _quantize_int8(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """Dynamic int8 quantization of every nn.Linear (weights int8, activations quantized per
+    call), through torch.ao's fbgemm/oneDNN kernels: CPU only."""
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    if device.type != "cpu":
+        raise ValueError(f"int8 quantization runs on the CPU only, not on {device}")
+    quantized: PreTrainedModel = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return quantized
 
 
 def _generation_config_sampling(model: PreTrainedModel) -> SamplingParams:

@@ -521,3 +521,18 @@ async def test_mixed_cancellations_leave_no_slot_behind(llama_dir: Path) -> None
         assert (load.running, load.waiting, load.capacity) == (0, 0, 3)
     finally:
         await engine.stop()
+
+
+async def test_int8_quantized_engine_generates(llama_dir: Path) -> None:
+    engine = await started(llama_dir, quantization="int8")  # type: ignore[arg-type]
+    try:
+        result = await collect(engine, request([5, 6, 7], max_tokens=6, ignore_eos=True))
+        assert len(result.token_ids) == 6
+        assert result.final.finish_reason is FinishReason.LENGTH
+    finally:
+        await engine.stop()
+
+
+def test_unknown_quantization_is_refused() -> None:
+    with pytest.raises(ValueError, match="quantization"):
+        EngineOptions(quantization="int3")
