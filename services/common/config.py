@@ -89,3 +89,15 @@ class FlagParser:
             action=argparse.BooleanOptionalAction,
             help=f"{help} (env {var}; default: {default!r})",
         )
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+
+def add_logging_flags(flags: FlagParser, *, level: str = "INFO", fmt: str = "text") -> None:
+    """--log-level and --log-format, the same for every service."""
+    flags.add(
+        "--log-level", default=level, type=str.upper, choices=LOG_LEVELS, help="logging level"
+    )
+    flags.add("--log-format", default=fmt, choices=LOG_FORMATS, help="log format")

@@ -6,11 +6,8 @@ import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.common.config import FlagParser
+from services.common.config import LOG_FORMATS, LOG_LEVELS, FlagParser, add_logging_flags
 from services.controller.dispatcher import DispatchMethod
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -95,11 +92,4 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         help="seconds in-flight calls may take to finish on SIGTERM",
         env="CHATFLEET_CONTROLLER_SHUTDOWN_GRACE",
     )
-    flags.add(
-        "--log-level",
-        default=defaults.log_level,
-        type=str.upper,
-        choices=LOG_LEVELS,
-        help="logging level",
-    )
-    flags.add("--log-format", default=defaults.log_format, choices=LOG_FORMATS, help="log format")
+    add_logging_flags(flags, level=defaults.log_level, fmt=defaults.log_format)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import sys
 from dataclasses import dataclass
 
 from chatfleet.v1 import controller_pb2, controller_pb2_grpc
+from services.common.entrypoint import run_service
 from services.common.grpc_server import GrpcServer, create_server
-from services.common.logs import configure_logging
 from services.common.signals import stop_event
 from services.controller.config import ControllerConfig, add_arguments
 from services.controller.dispatcher import Dispatcher
@@ -86,25 +84,14 @@ async def serve(config: ControllerConfig, *, ready: asyncio.Event | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="chatfleet controller",
+    return run_service(
+        argv,
+        name="controller",
         description="Keep the registry of workers and pick a worker for each request.",
+        add_arguments=add_arguments,
+        build_config=ControllerConfig.from_namespace,
+        serve=serve,
     )
-    add_arguments(parser, os.environ)
-    ns = parser.parse_args(argv)
-    try:
-        config = ControllerConfig.from_namespace(ns)
-    except ValueError as error:
-        parser.error(str(error))
-    configure_logging(config.log_level, config.log_format)
-    try:
-        asyncio.run(serve(config))
-    except KeyboardInterrupt:
-        pass
-    except OSError as error:
-        print(f"chatfleet controller: {error}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,10 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.config import FlagParser, env_name
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-LOG_FORMATS = ("text", "json")
+from services.common.config import LOG_FORMATS, LOG_LEVELS, FlagParser, add_logging_flags, env_name
 
 
 @dataclass(frozen=True)
@@ -151,11 +148,4 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         env="CHATFLEET_GATEWAY_SHUTDOWN_GRACE",
         help="seconds in-flight requests get to finish on SIGINT/SIGTERM",
     )
-    flags.add(
-        "--log-level",
-        default=defaults.log_level,
-        type=str.upper,
-        choices=LOG_LEVELS,
-        help="log level",
-    )
-    flags.add("--log-format", default=defaults.log_format, choices=LOG_FORMATS, help="log format")
+    add_logging_flags(flags, level=defaults.log_level, fmt=defaults.log_format)

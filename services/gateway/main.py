@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import math
-import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from services.common.logs import configure_logging
+from services.common.entrypoint import run_service
 from services.common.signals import stop_event
 from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig, add_arguments
@@ -127,23 +125,14 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="chatfleet gateway",
+    return run_service(
+        argv,
+        name="gateway",
         description="OpenAI-compatible HTTP API in front of the chatfleet controller and workers.",
+        add_arguments=add_arguments,
+        build_config=GatewayConfig.from_namespace,
+        serve=serve,
     )
-    add_arguments(parser, os.environ)
-    args = parser.parse_args(argv)
-    try:
-        config = GatewayConfig.from_namespace(args)
-    except ValueError as error:
-        parser.error(str(error))
-    configure_logging(config.log_level, config.log_format)
-    try:
-        asyncio.run(serve(config))
-    except OSError as error:
-        logger.error("gateway cannot start: %s", error)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.config import FlagParser
+from services.common.config import LOG_FORMATS, LOG_LEVELS, FlagParser, add_logging_flags
 from services.worker.default_models import default_model_specs
 from services.worker.loading import DTYPES, QUANTIZATIONS, EngineOptions, ModelSpec
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-LOG_FORMATS = ("text", "json")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 # Environment values of the repeatable model flags hold one entry per model separated by ";"
@@ -311,11 +309,4 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         help="seconds in-flight requests may take to finish on SIGTERM",
         env="CHATFLEET_WORKER_SHUTDOWN_GRACE",
     )
-    flags.add(
-        "--log-level",
-        default=defaults.log_level,
-        type=str.upper,
-        choices=LOG_LEVELS,
-        help="logging level",
-    )
-    flags.add("--log-format", default=defaults.log_format, choices=LOG_FORMATS, help="log format")
+    add_logging_flags(flags, level=defaults.log_level, fmt=defaults.log_format)

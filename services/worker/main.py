@@ -6,18 +6,16 @@ with the controller. Shutdown: NOT_SERVING, deregister, refuse new work, drain, 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from chatfleet.v1 import worker_pb2, worker_pb2_grpc
+from services.common.entrypoint import run_service
 from services.common.grpc_server import GrpcServer, create_server
-from services.common.logs import configure_logging
 from services.common.signals import stop_event
 from services.worker import convert
 from services.worker.config import WorkerConfig, add_arguments
@@ -168,26 +166,14 @@ async def _abandon(starting: asyncio.Future[Worker]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="chatfleet worker",
+    return run_service(
+        argv,
+        name="worker",
         description="Load models and serve generation, embeddings and tokenization over gRPC.",
+        add_arguments=add_arguments,
+        build_config=WorkerConfig.from_namespace,
+        serve=serve,
     )
-    add_arguments(parser, os.environ)
-    ns = parser.parse_args(argv)
-    try:
-        config = WorkerConfig.from_namespace(ns)
-    except ValueError as error:
-        parser.error(str(error))
-    configure_logging(config.log_level, config.log_format)
-    try:
-        asyncio.run(serve(config))
-    except KeyboardInterrupt:
-        pass
-    except (OSError, ValueError) as error:
-        # A port already in use, missing weights, two models with one name.
-        logger.error("worker failed to start: %s", error)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
