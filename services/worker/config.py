@@ -31,8 +31,8 @@ class WorkerConfig:
     no_register: bool = False
     device: str = "auto"
     dtype: str = "auto"
-    max_running: int = 16
-    max_waiting: int = 256
+    max_running: int = EngineOptions.max_running
+    max_waiting: int = EngineOptions.max_waiting
     threads: int | None = None
     max_batch_tokens: int = EngineOptions.max_batch_tokens
     kv_cache_tokens: int = EngineOptions.kv_cache_tokens
@@ -287,7 +287,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         "--quantization",
         default=defaults.quantization,
         choices=QUANTIZATIONS,
-        help="int8: dynamic int8 quantization of linear layers (CPU only)",
+        help="int8: int8 weights and per-token int8 activations in linear layers (CPU only; "
+        "batch-invariant); auto: int8 for generative models on the CPU, none elsewhere",
     )
     flags.add_bool(
         "--packed",

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # plus cuda:N
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # names of torch dtypes, plus auto
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("auto", "none", "int8")
 # A config may claim 128k positions; a KV cache that long per request does not fit a worker's memory
 # budget, so the served context is capped. Models without any position limit get the fallback.
 MAX_CONTEXT_LENGTH = 32_768
@@ -57,7 +57,7 @@ class EngineOptions:
 
     device: str = "auto"  # auto|cpu|cuda|cuda:N|mps
     dtype: str = "auto"  # auto|float32|float16|bfloat16
-    max_running: int = 16  # requests decoded together
+    max_running: int = 32  # requests decoded together
     max_waiting: int = 256  # bounded admission queue; beyond it -> OverloadedError
     threads: int | None = None  # torch intra-op threads; None = torch default
     # Tokens one engine step may forward: every decoding sequence's next token, and prompt
@@ -67,9 +67,10 @@ class EngineOptions:
     kv_cache_tokens: int = 65_536
     # The packed batched runner for Llama-family models; False forces the per-sequence path.
     packed: bool = True
-    # int8: dynamic int8 quantization of the linear layers (CPU only): weights read per token
-    # shrink 4x, which is what bounds single-stream decoding on a CPU.
-    quantization: str = "none"
+    # int8: int8 weights and per-token int8 activations in every linear layer (CPU only): a
+    # quarter of the weight bytes per step, which is what bounds decoding on a CPU.
+    # auto: int8 for generative models on the CPU, none elsewhere.
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
@@ -157,6 +158,9 @@ class LoadPlan:
         auto_class = AutoModelForCausalLM if self.kind is ModelKind.CAUSAL_LM else AutoModel
         model = _from_pretrained(auto_class, self.source, self.device, self.dtype)
         model.eval()
+        if quantization == "auto":
+            on_cpu = self.device.type == "cpu" and self.kind is ModelKind.CAUSAL_LM
+            quantization = "int8" if on_cpu else "none"
         if quantization == "int8":
             model = _quantize_int8(model, self.device)
         config = model.config
@@ -165,11 +169,12 @@ class LoadPlan:
         )
         eos_ids = _eos_token_ids(model, tokenizer) if self.kind is ModelKind.CAUSAL_LM else set()
         logger.info(
-            "loaded %s (%s, %s, %s) in %.1fs, context %d",
+            "loaded %s (%s, %s, %s, quantization %s) in %.1fs, context %d",
             self.names[0],
             self.kind.value,
             self.device,
             str(self.dtype).removeprefix("torch."),
+            quantization,
             time.monotonic() - started,
             context_length,
         )
@@ -355,15 +360,13 @@ def _from_pretrained(
 
 
 def _quantize_int8(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
-    """Dynamic int8 quantization of every nn.Linear (weights int8, activations quantized per
-    call), through torch.ao's fbgemm/oneDNN kernels: CPU only."""
-    import torch
-    from torch.ao.quantization import quantize_dynamic
+    """Batch-invariant int8 linear layers (services.worker.quantization): CPU only for now."""
+    from services.worker.quantization import quantize_int8
 
     if device.type != "cpu":
         raise ValueError(f"int8 quantization runs on the CPU only, not on {device}")
-    quantized: PreTrainedModel = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    return quantized
+    quantize_int8(model)
+    return model
 
 
 def _generation_config_sampling(model: PreTrainedModel) -> SamplingParams:

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+
+from services.worker.quantization import Int8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,19 @@ class PackedRunner(ModelRunner):
         self._v: list[torch.Tensor] = []
         self._capacity = 0
         self._allocated_rows = 0
+        # One product for q, k and v and one for the MLP's gate and up projections: fewer,
+        # larger matrix products per layer. The original modules become views of the fused
+        # weights, so no memory is duplicated and transformers' own forward still works.
+        self._qkv = [
+            fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+            for layer in self.layers
+        ]
+        self._gate_up = [
+            fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers
+        ]
+        self._q_size = self.num_heads * self.head_dim
+        self._kv_size = self.num_kv_heads * self.head_dim
+        self._intermediate = self.layers[0].mlp.gate_proj.out_features
 
     # -- cache ---------------------------------------------------------------------------
 
@@ -226,9 +242,12 @@ class PackedRunner(ModelRunner):
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
-            k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+            q, k, v = self._qkv[index](x).split(
+                (self._q_size, self._kv_size, self._kv_size), dim=-1
+            )
+            q = q.reshape(-1, self.num_heads, self.head_dim)
+            k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+            v = v.reshape(-1, self.num_kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
@@ -260,7 +279,11 @@ class PackedRunner(ModelRunner):
                 )
                 out[start : start + n] = attended[0].transpose(0, 1)
             hidden = hidden + attn.o_proj(out.reshape(len(tokens), -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            mlp = layer.mlp
+            gate, up = self._gate_up[index](layer.post_attention_layernorm(hidden)).split(
+                self._intermediate, dim=-1
+            )
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
         # Logits only where a token is sampled next: the last token of each wanting item.
         last_index: dict[Hashable, int] = {}
@@ -328,6 +351,57 @@ def create_runner(model: PreTrainedModel, max_rows: int, max_cache_tokens: int) 
         return PackedRunner(model, max_rows, max_cache_tokens)
     logger.info("using the per-sequence runner: %s", reason)
     return HFRunner(model, max_rows, max_cache_tokens)
+
+
+def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
+    """One linear layer computing the concatenated outputs of `linears` (all nn.Linear or all
+    Int8Linear, same input); each original is rebound to a view of the fused weights."""
+    if all(isinstance(m, Int8Linear) for m in linears):
+        int8 = [m for m in linears if isinstance(m, Int8Linear)]
+        fused_int8 = Int8Linear(
+            torch.cat([m.weight_int8 for m in int8]),
+            torch.cat([m.weight_scale for m in int8]),
+            _cat_biases([m.bias for m in int8], [m.out_features for m in int8]),
+        )
+        offset = 0
+        for m in int8:
+            end = offset + m.out_features
+            m.weight_int8 = fused_int8.weight_int8[offset:end]
+            m.weight_scale = fused_int8.weight_scale[offset:end]
+            if fused_int8.bias is not None:
+                m.bias = fused_int8.bias[offset:end]
+            offset = end
+        return fused_int8
+    dense = [m for m in linears if isinstance(m, nn.Linear)]
+    if len(dense) != len(linears):
+        raise ValueError("cannot fuse a mix of linear layer types")
+    weight = torch.cat([m.weight.detach() for m in dense])
+    bias = _cat_biases(
+        [None if m.bias is None else m.bias.detach() for m in dense],
+        [m.out_features for m in dense],
+    )
+    fused = nn.Linear(dense[0].in_features, weight.shape[0], bias=bias is not None)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    fused.to(device=weight.device)
+    offset = 0
+    for linear in dense:
+        end = offset + linear.out_features
+        linear.weight = nn.Parameter(fused.weight[offset:end], requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(fused.bias[offset:end], requires_grad=False)
+        offset = end
+    return fused
+
+
+def _cat_biases(biases: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor | None:
+    if all(b is None for b in biases):
+        return None
+    like = next(b for b in biases if b is not None)
+    return torch.cat(
+        [b if b is not None else like.new_zeros(n) for b, n in zip(biases, sizes, strict=True)]
+    )
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from services.worker.engine import (
     StoppingParams,
 )
 from services.worker.loading import EngineOptions, ModelSpec, create_engine
+from services.worker.quantization import quantize_int8
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -42,6 +44,8 @@ def hf_model(llama_dir: Path) -> AutoModelForCausalLM:
 async def started(path: Path, **options: int) -> Engine:
     # One torch thread: a tiny model gains nothing from more, and suffers when the cores are busy.
     options.setdefault("threads", 1)
+    # Full precision, so outputs compare with transformers' own generate on the same weights.
+    options.setdefault("quantization", "none")
     engine = create_engine(ModelSpec(str(path), ("tiny",)), EngineOptions(**options))  # type: ignore[arg-type]
     await engine.start()
     return engine
@@ -131,12 +135,14 @@ def hf_greedy(model: AutoModelForCausalLM, prompt: list[int], max_new_tokens: in
         pytest.param({"max_batch_tokens": 8}, id="chunked-prefill"),
         # Room for one sequence at a time: the newest are preempted and recomputed.
         pytest.param({"kv_cache_tokens": 256}, id="preemption"),
+        # Per-token activation scales keep int8 results independent of the batch.
+        pytest.param({"quantization": "int8"}, id="int8"),
     ],
 )
 async def test_concurrent_greedy_matches_hf_generate_alone(
     llama_dir: Path,
     hf_model: AutoModelForCausalLM,
-    variant: dict[str, int],
+    variant: dict[str, object],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("INFO", logger="services.worker.hf_engine")
@@ -167,8 +173,12 @@ async def test_concurrent_greedy_matches_hf_generate_alone(
         results = await asyncio.gather(*tasks)
     finally:
         await engine.stop()
+    reference = hf_model
+    if variant.get("quantization") == "int8":
+        reference = copy.deepcopy(hf_model)
+        quantize_int8(reference)
     for prompt, (_, max_tokens), result in zip(prompts, specs, results, strict=True):
-        expected = hf_greedy(hf_model, prompt, max_tokens)
+        expected = hf_greedy(reference, prompt, max_tokens)
         assert result.token_ids == expected
         assert result.final.completion_tokens == len(expected)
         assert result.final.prompt_tokens == len(prompt)
