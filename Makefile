@@ -63,3 +63,7 @@ test-integration: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: bench
+bench: install ## serving benchmark on its own stack; results in bench/results/ (BENCH_ARGS="--levels 1,4")
+	$(PY) -m bench.serving $(BENCH_ARGS)
