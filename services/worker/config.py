@@ -268,7 +268,7 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         "--threads",
         default=None,
         type=int,
-        help="torch intra-op threads (default: torch's choice)",
+        help="torch intra-op threads (default: usable cores minus one, at least one)",
     )
     flags.add(
         "--max-batch-tokens",
