@@ -1,6 +1,7 @@
 """Raw in-process baselines: HF `model.generate` on the default chat model, loaded as the worker
-loads it (float32, SDPA), single stream and on a left-padded static batch, greedy with a fixed
-output length. Run while no service is busy: the machine has only a few cores."""
+loads it (float32, SDPA, the worker's --quantization), single stream and on a left-padded static
+batch, greedy with a fixed output length. Run while no service is busy: the machine has only a
+few cores."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ STATIC_BATCH_SIZE = 16
 class Baselines:
     model_path: str
     threads: int  # torch intra-op threads of this process
+    quantization: str  # the weights generate ran on: "none" or "int8" (as the worker's flag)
     prompt_tokens: tuple[int, ...]  # per prompt of the set, as the worker tokenizes it
     # One greedy generate per prompt of the set, one after the other.
     single_requests: int
@@ -37,7 +39,11 @@ class Baselines:
 
 
 def measure_baselines(
-    model_path: str, prompts: Sequence[str], max_tokens: int, batch_size: int = STATIC_BATCH_SIZE
+    model_path: str,
+    prompts: Sequence[str],
+    max_tokens: int,
+    quantization: str = "none",
+    batch_size: int = STATIC_BATCH_SIZE,
 ) -> Baselines:
     """Load the model, warm it up, then time single-stream and static-batch generation."""
     import torch
@@ -46,6 +52,11 @@ def measure_baselines(
     transformers.logging.set_verbosity_error()  # generate's notes on unused sampling flags
     transformers.logging.disable_progress_bar()  # loading bars would flood the report
     model, tokenizer = _load(Path(model_path))
+    if quantization != "none":  # "auto" is int8 on a CPU, as in the worker
+        from services.worker.quantization import quantize_int8
+
+        quantize_int8(model)
+        quantization = "int8"
     encoded = [list(tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
     batch_prompts = [prompts[i % len(prompts)] for i in range(batch_size)]
     with torch.inference_mode():
@@ -63,6 +74,7 @@ def measure_baselines(
     return Baselines(
         model_path=model_path,
         threads=torch.get_num_threads(),
+        quantization=quantization,
         prompt_tokens=tuple(len(ids) for ids in encoded),
         single_requests=len(encoded),
         single_seconds=single_seconds,

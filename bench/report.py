@@ -18,7 +18,7 @@ from bench.baselines import STATIC_BATCH_SIZE, Baselines
 from bench.metrics import LevelMetrics
 
 # The targets, in one place so they are easy to review and to tighten.
-SINGLE_VS_HF = 1.0  # served single-stream tok/s >= this x HF generate single stream
+SINGLE_VS_HF = 0.9  # served single-stream tok/s >= this x HF generate single stream
 BATCHING_GAIN = 6.0  # tok/s at 16 concurrent >= this x served single stream
 VS_STATIC_BATCH = 0.9  # tok/s at 16 concurrent >= this x HF generate on a static batch of 16
 TTFT_P50_AT_16_MS = 1000.0  # TTFT p50 at 16 concurrent <= this

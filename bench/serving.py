@@ -32,6 +32,7 @@ from bench.report import evaluate_targets, print_report, write_json, write_plot
 from services.cli.launcher import ServiceExited, ServiceProcess, free_port, wait_models_listed
 from services.common.config import FlagParser
 from services.worker.default_models import DEFAULT_CHAT_MODEL_NAME, default_model_specs
+from services.worker.loading import QUANTIZATIONS
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 600.0
@@ -51,6 +52,7 @@ class BenchConfig:
     api_key: str | None
     skip_baselines: bool
     worker_args: tuple[str, ...]
+    quantization: str  # the worker's --quantization, applied to the baselines' model too
     output_dir: Path
     strict: bool
 
@@ -78,6 +80,10 @@ class BenchConfig:
             worker_args = tuple(shlex.split(ns.worker_args))
         except ValueError as exc:
             raise ValueError(f"--worker-args: {exc}") from None
+        if ns.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {ns.quantization!r}"
+            )
         if ns.gateway_url and worker_args:
             raise ValueError(
                 "--worker-args applies to the stack the benchmark starts, not to --gateway-url"
@@ -93,6 +99,7 @@ class BenchConfig:
             api_key=ns.api_key or None,
             skip_baselines=ns.skip_baselines,
             worker_args=worker_args,
+            quantization=ns.quantization,
             output_dir=Path(ns.output_dir),
             strict=ns.strict,
         )
@@ -127,6 +134,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add(
         "--worker-args", default="",
         help="extra flags for `chatfleet worker` in the started stack, e.g. '--max-batch-size 32'",
+    )  # fmt: skip
+    add(
+        "--quantization", default="none",
+        help="the worker's --quantization for the started stack; the baselines load the same "
+        "weights, so every ratio compares like with like",
     )  # fmt: skip
     add("--output-dir", default=str(RESULTS_DIR), help="where the JSON and PNG results go")
     flags.add_bool(
@@ -246,14 +258,17 @@ async def serve_and_measure(
 ) -> tuple[list[LevelMetrics], str]:
     if config.gateway_url:
         return await run_served(config, config.gateway_url, console, load), config.gateway_url
-    async with started_stack(config.model, config.worker_args, log_dir, console) as url:
+    worker_args = ("--quantization", config.quantization, *config.worker_args)
+    async with started_stack(config.model, worker_args, log_dir, console) as url:
         return await run_served(config, url, console, load), url
 
 
 def baselines_of(config: BenchConfig, console: Console, load: LoadAverages) -> Baselines:
     # Called before the stack starts, so the two never compete for the cores.
     console.print("measuring the HF generate baselines (in-process)...")
-    baselines = measure_baselines(_default_chat_model_path(), config.prompts, config.max_tokens)
+    baselines = measure_baselines(
+        _default_chat_model_path(), config.prompts, config.max_tokens, config.quantization
+    )
     gc.collect()  # the baseline model is garbage now: give its memory back before serving
     load.mark("after_baselines")
     console.print(
