@@ -15,13 +15,15 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatfleet.v1 import controller_pb2, controller_pb2_grpc
-from services.common.grpc_server import insecure_channel
+from services.common.grpc_server import open_channel
+from services.common.security import GrpcSecurity, security_from_environ
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +47,25 @@ class ServiceProcess:
     args: Sequence[str]
     env: Mapping[str, str] | None = None
     log_path: str | None = None
+    # stdout and stderr into one pipe, `process.stdout`, for the caller to read (`chatfleet up`
+    # turns it into progress lines); otherwise they go to log_path, or are inherited.
+    capture_output: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> None:
         env = dict(os.environ if self.env is None else self.env)
-        stdout = open(self.log_path, "ab") if self.log_path else None
+        stdout: Any = None
+        if self.capture_output:
+            stdout = subprocess.PIPE
+        elif self.log_path:
+            stdout = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.cli.main", self.name, *self.args],
             env=env,
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout else None,
         )
-        if stdout:
+        if stdout and stdout is not subprocess.PIPE:
             stdout.close()
 
     @property
@@ -111,7 +120,11 @@ class ServiceProcess:
 
     async def wait_grpc_serving(self, address: str, timeout: float) -> None:
         """Ready when the server's grpc.health.v1 Watch says SERVING."""
-        await self._until_exit_or(asyncio.ensure_future(wait_grpc_serving(address)), timeout)
+        # The services take their token and TLS settings from this environment too.
+        security = security_from_environ(os.environ if self.env is None else self.env)
+        await self._until_exit_or(
+            asyncio.ensure_future(wait_grpc_serving(address, security=security)), timeout
+        )
 
     async def wait_http_ok(self, url: str, timeout: float) -> None:
         """Ready when GET url answers 200."""
@@ -141,13 +154,15 @@ async def _exited(process: subprocess.Popen[bytes]) -> None:
         os.close(fd)
 
 
-async def wait_grpc_serving(address: str, service: str = "") -> None:
+async def wait_grpc_serving(
+    address: str, service: str = "", *, security: GrpcSecurity | None = None
+) -> None:
     """Return once the health service at address reports SERVING. The Watch stream pushes every
     change, so this waits on the server rather than polling; a refused connection is retried
     with backoff because the process may not be listening yet."""
     delay = 0.05
     while True:
-        async with insecure_channel(address) as channel:
+        async with open_channel(address, _security(security)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 async for reply in stub.Watch(
@@ -176,11 +191,13 @@ async def wait_http_ok(url: str) -> None:
             delay = min(delay * 2, 1.0)
 
 
-async def wait_models_listed(controller_address: str, names: Sequence[str]) -> None:
+async def wait_models_listed(
+    controller_address: str, names: Sequence[str], *, security: GrpcSecurity | None = None
+) -> None:
     """Return once the controller lists every model in names (a worker registers right after it
     turns SERVING, so this is usually immediate)."""
     delay = 0.05
-    async with insecure_channel(controller_address) as channel:
+    async with open_channel(controller_address, _security(security)) as channel:
         stub = controller_pb2_grpc.ControllerServiceStub(channel)
         while True:
             reply = await stub.ListModels(controller_pb2.ListModelsRequest(), wait_for_ready=True)
@@ -188,3 +205,8 @@ async def wait_models_listed(controller_address: str, names: Sequence[str]) -> N
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+def _security(security: GrpcSecurity | None) -> GrpcSecurity:
+    """The given settings, else the CHATFLEET_GRPC_TOKEN / CHATFLEET_TLS_* ones of this process."""
+    return security_from_environ(os.environ) if security is None else security

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 
@@ -9,7 +10,9 @@ import grpc
 
 from chatfleet.v1 import controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.cli.main import new_parser, run
-from services.common.grpc_server import insecure_channel
+from services.common.fastchat_compat import host_port
+from services.common.grpc_server import open_channel
+from services.common.security import security_from_environ
 
 
 async def test_message(
@@ -21,9 +24,11 @@ async def test_message(
     temperature: float,
     timeout: float,
 ) -> int:
+    # The token and TLS settings the services use (CHATFLEET_GRPC_TOKEN, CHATFLEET_TLS_*).
+    security = security_from_environ(os.environ)
     try:
         if worker_address is None:
-            async with insecure_channel(controller_address) as channel:
+            async with open_channel(controller_address, security) as channel:
                 controller = controller_pb2_grpc.ControllerServiceStub(channel)
                 listed = await controller.ListModels(
                     controller_pb2.ListModelsRequest(), timeout=timeout
@@ -34,7 +39,7 @@ async def test_message(
                 )
                 worker_address = chosen.address
         print(f"worker: {worker_address}")
-        async with insecure_channel(worker_address) as channel:
+        async with open_channel(worker_address, security) as channel:
             worker = worker_pb2_grpc.WorkerServiceStub(channel)
             request = worker_pb2.GenerateRequest(
                 request_id=f"test-message-{uuid.uuid4().hex[:12]}",
@@ -91,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     return run(
         test_message(
-            ns.controller_address,
-            ns.worker_address,
+            # FastChat's test_message takes URLs (http://host:port): gRPC wants host:port.
+            host_port(ns.controller_address),
+            host_port(ns.worker_address) if ns.worker_address else None,
             ns.model_name,
             ns.message,
             ns.max_new_tokens,

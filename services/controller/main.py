@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from dataclasses import dataclass
 
 from chatfleet.v1 import controller_pb2, controller_pb2_grpc
 from services.common.entrypoint import run_service
-from services.common.grpc_server import GrpcServer, create_server
+from services.common.grpc_server import GrpcServer, create_server, open_channel
+from services.common.metrics_server import MetricsServer, start_metrics_server
 from services.common.signals import stop_event
 from services.controller.config import ControllerConfig, add_arguments
 from services.controller.dispatcher import Dispatcher
 from services.controller.health_watch import HealthWatcher
+from services.controller.metrics import controller_metrics_registry
 from services.controller.registry import WorkerRegistry
 from services.controller.servicer import ControllerServicer
 
@@ -30,6 +33,7 @@ class Controller:
     grpc: GrpcServer
     registry: WorkerRegistry
     watcher: HealthWatcher
+    metrics: MetricsServer | None = None
     _stopped: bool = False
 
     @property
@@ -44,19 +48,29 @@ class Controller:
     async def start(cls, config: ControllerConfig) -> Controller:
         """Build and start the controller; it reports SERVING once it listens."""
         registry = WorkerRegistry()
-        watcher = HealthWatcher(registry)
+        watcher = HealthWatcher(
+            registry, channel_factory=functools.partial(open_channel, security=config.security)
+        )
         servicer = ControllerServicer(
             registry,
             watcher,
             Dispatcher(registry, config.dispatch_method),
             heartbeat_interval_seconds=config.heartbeat_interval,
         )
-        server = create_server(config.host, config.port, [SERVICE_NAME])
+        server = create_server(config.host, config.port, [SERVICE_NAME], security=config.security)
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server.server)
+        metrics = await start_metrics_server(
+            controller_metrics_registry(registry), config.host, config.metrics_port
+        )
         await server.start()
         await server.set_serving(True)
-        logger.info("controller listening on %s:%d", config.host, server.port)
-        return cls(config=config, grpc=server, registry=registry, watcher=watcher)
+        logger.info(
+            "controller listening on %s:%d%s",
+            config.host,
+            server.port,
+            config.security.describe(),
+        )
+        return cls(config=config, grpc=server, registry=registry, watcher=watcher, metrics=metrics)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, close the health streams, then let in-flight calls finish within `grace`.
@@ -67,6 +81,8 @@ class Controller:
         await self.grpc.health.enter_graceful_shutdown()
         await self.watcher.close()
         await self.grpc.server.stop(self.config.shutdown_grace if grace is None else grace)
+        if self.metrics is not None:
+            await self.metrics.stop()
         logger.info("controller stopped")
 
 

@@ -6,6 +6,11 @@ up on the request, e.g. while draining) -> "abort" as vLLM reports it, so a cut-
 passes for a finished one. Streams are primed: the first upstream message is awaited before the
 HTTP response starts, so a request that fails up front (unknown model, overload) gets a plain HTTP
 error; an error after that is sent as an SSE `data: {"error": ...}` event then `data: [DONE]`.
+
+Deadlines (RouteTimeouts, from the gateway's flags): a non-streamed completion, a model listing and
+an embeddings request each get one budget for the whole request. A stream gets a budget for its
+first token and, once tokens flow, an optional total cap (none by default), so a long answer that
+keeps coming is not cut by a wall clock the client never asked for. Timeouts become 504.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from pydantic import BaseModel
 
 from chatfleet.v1 import worker_pb2
 from services.common.errors import ChatfleetError, InvalidRequestError, ModelNotFoundError
-from services.gateway.clients import Deadline, Metadata, Upstream
+from services.gateway.clients import Deadline, DeadlineExceededError, Metadata, Upstream
+from services.gateway.config import GatewayConfig
 from services.gateway.errors import APIError, to_api_error
 from services.gateway.protocol import (
     ChatCompletionChoice,
@@ -87,6 +93,23 @@ class RequestContext:
         return (("x-request-id", self.request_id),)
 
 
+@dataclass(frozen=True)
+class RouteTimeouts:
+    """Seconds each kind of request may take (see the module docstring); stream=None: no cap."""
+
+    embeddings: float = GatewayConfig.embeddings_timeout_seconds
+    first_token: float = GatewayConfig.first_token_timeout_seconds
+    stream: float | None = None
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> RouteTimeouts:
+        return cls(
+            embeddings=config.embeddings_timeout_seconds,
+            first_token=config.first_token_timeout_seconds,
+            stream=config.stream_timeout_seconds or None,
+        )
+
+
 @dataclass
 class EventStream:
     """The SSE lines of a streamed answer. `close` releases the upstream calls even when the
@@ -99,8 +122,9 @@ class EventStream:
 class OpenAIServing:
     """The handlers behind the routes; one per app, holding the upstream clients."""
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, timeouts: RouteTimeouts | None = None) -> None:
         self.upstream = upstream
+        self.timeouts = timeouts or RouteTimeouts()
 
     async def health(self) -> bool:
         return await self.upstream.controller.is_serving()
@@ -132,14 +156,16 @@ class OpenAIServing:
         if request.logprobs:
             base.logprobs.enabled = True
             base.logprobs.top_logprobs = request.top_logprobs or 0
+        deadline = self._generation_deadline(request.stream, ctx)
         calls = [
-            self._generate(base, request, ctx, index=i, seed_offset=i, many=n > 1) for i in range(n)
+            self._generate(base, request, ctx, deadline, index=i, seed_offset=i, many=n > 1)
+            for i in range(n)
         ]
         merged = _merge(calls)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if request.stream:
-            first = await _first(merged)
+            first = await _first(merged, self.timeouts.first_token)
             events = self._chat_events(request, response_id, created, n, first, merged)
             return EventStream(events, merged.aclose)
 
@@ -235,6 +261,7 @@ class OpenAIServing:
         n = request.n or 1
         prompts = _completion_prompts(request.prompt)
         max_tokens = request.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        deadline = self._generation_deadline(request.stream, ctx)
         calls = []
         for p, prompt in enumerate(prompts):
             base = worker_pb2.GenerateRequest(
@@ -252,13 +279,15 @@ class OpenAIServing:
             many = len(prompts) * n > 1
             for j in range(n):
                 calls.append(
-                    self._generate(base, request, ctx, index=p * n + j, seed_offset=j, many=many)
+                    self._generate(
+                        base, request, ctx, deadline, index=p * n + j, seed_offset=j, many=many
+                    )
                 )
         merged = _merge(calls)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if request.stream:
-            first = await _first(merged)
+            first = await _first(merged, self.timeouts.first_token)
             events = self._completion_events(
                 request, response_id, created, n, len(calls), first, merged
             )
@@ -353,7 +382,7 @@ class OpenAIServing:
         inputs = _embedding_inputs(request.input)
         response = await self.upstream.embed(
             worker_pb2.EmbedRequest(model=request.model, inputs=inputs, request_id=ctx.request_id),
-            deadline=ctx.deadline,
+            deadline=Deadline(self.timeouts.embeddings),
             metadata=ctx.metadata,
         )
         as_base64 = request.encoding_format == "base64"
@@ -373,11 +402,17 @@ class OpenAIServing:
 
     # --- shared ----------------------------------------------------------------------------------
 
+    def _generation_deadline(self, stream: bool | None, ctx: RequestContext) -> Deadline:
+        """A stream's gRPC deadline is its total cap (its first token is awaited within
+        timeouts.first_token by `_first`); anything else has the request's budget."""
+        return Deadline(self.timeouts.stream) if stream else ctx.deadline
+
     def _generate(
         self,
         base: worker_pb2.GenerateRequest,
         request: SamplingExtras,
         ctx: RequestContext,
+        deadline: Deadline,
         *,
         index: int,
         seed_offset: int,
@@ -388,7 +423,7 @@ class OpenAIServing:
         # Each call of a request needs its own id: the worker keys cancellation on it.
         call.request_id = f"{ctx.request_id}-{index}" if many else ctx.request_id
         call.sampling.CopyFrom(_sampling(request, seed_offset))
-        return self.upstream.generate(call, deadline=ctx.deadline, metadata=ctx.metadata)
+        return self.upstream.generate(call, deadline=deadline, metadata=ctx.metadata)
 
 
 # --- request translation --------------------------------------------------------------------------
@@ -707,14 +742,18 @@ async def _merge(
 
 
 async def _first(
-    stream: AsyncGenerator[tuple[int, T], None],
+    stream: AsyncGenerator[tuple[int, T], None], timeout: float
 ) -> tuple[int, T] | None:
     """Wait for a stream's first item (None if it has none), so that an early failure is raised
-    here, before any HTTP response has started."""
+    here, before any HTTP response has started. Past `timeout` seconds the stream is closed (its
+    calls cancelled) and DEADLINE_EXCEEDED (504) raised."""
     try:
-        return await anext(stream)
+        return await asyncio.wait_for(anext(stream), timeout)
     except StopAsyncIteration:
         return None
+    except asyncio.TimeoutError:
+        await stream.aclose()
+        raise DeadlineExceededError() from None
 
 
 async def _chain(

@@ -16,11 +16,13 @@ from typing import Any
 from chatfleet.v1 import worker_pb2, worker_pb2_grpc
 from services.common.entrypoint import run_service
 from services.common.grpc_server import GrpcServer, create_server
+from services.common.metrics_server import MetricsServer, start_metrics_server
 from services.common.signals import stop_event
 from services.worker import convert
 from services.worker.config import WorkerConfig, add_arguments
 from services.worker.engine import Engine
 from services.worker.loading import create_engine
+from services.worker.metrics import worker_metrics_registry
 from services.worker.registration import ControllerLink
 from services.worker.servicer import ModelRegistry, WorkerServicer
 
@@ -39,6 +41,7 @@ class Worker:
     servicer: WorkerServicer
     address: str
     link: ControllerLink | None = None
+    metrics: MetricsServer | None = None
     _stopped: bool = False
 
     @property
@@ -54,16 +57,26 @@ class Worker:
             options = config.engine_options()
             engines = [create_engine(spec, options) for spec in config.models]
         models = ModelRegistry(engines)
-        servicer = WorkerServicer(models)
-        server = create_server(config.host, config.port, [SERVICE_NAME])
+        servicer = WorkerServicer(models, seed=config.seed)
+        server = create_server(config.host, config.port, [SERVICE_NAME], security=config.security)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server.server)
         await server.start()  # NOT_SERVING until the models are loaded
-        logger.info("worker listening on %s:%d (loading models)", config.host, server.port)
+        logger.info(
+            "worker listening on %s:%d%s (loading models)",
+            config.host,
+            server.port,
+            config.security.describe(),
+        )
+        metrics = None
         try:
+            registry = worker_metrics_registry(models.engines)
+            metrics = await start_metrics_server(registry, config.host, config.metrics_port)
             await models.start()
         except BaseException:
             # Loading failed or was cancelled by a signal: release what exists, then report it.
             await server.server.stop(None)
+            if metrics is not None:
+                await metrics.stop()
             await models.stop()
             raise
         await server.set_serving(True)
@@ -73,6 +86,7 @@ class Worker:
             models=models,
             servicer=servicer,
             address=config.advertised_address(server.port),
+            metrics=metrics,
         )
         if not config.no_register:
             worker.link = ControllerLink(
@@ -81,6 +95,7 @@ class Worker:
                 models=lambda: [convert.to_model_info(d) for d in models.descriptions()],
                 load=lambda: convert.to_load(models.load()),
                 heartbeat_interval=config.heartbeat_interval,
+                security=config.security,
             )
             await worker.link.start()
         logger.info("worker %s is serving", worker.address)
@@ -111,6 +126,8 @@ class Worker:
         # Our own calls are done; what remains are health watches and reflection streams.
         await self.grpc.server.stop(0)
         await self.models.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         logger.info("worker stopped")
 
 

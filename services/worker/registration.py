@@ -17,7 +17,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatfleet.v1 import common_pb2, controller_pb2, controller_pb2_grpc
-from services.common.grpc_server import insecure_channel
+from services.common.grpc_server import open_channel
+from services.common.security import NO_SECURITY, GrpcSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class ControllerLink:
         min_backoff: float = 0.2,
         max_backoff: float = 3.0,
         rpc_timeout: float = 5.0,
+        security: GrpcSecurity = NO_SECURITY,
     ) -> None:
         self.controller_address = controller_address
         self.worker_address = worker_address
@@ -56,6 +58,7 @@ class ControllerLink:
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
         self._rpc_timeout = rpc_timeout
+        self._security = security
         self._channel: grpc.aio.Channel | None = None
         self._stub: controller_pb2_grpc.ControllerServiceStub | None = None
         self._stopping = asyncio.Event()
@@ -63,21 +66,31 @@ class ControllerLink:
         self._register_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._failed_registrations = 0
+        # Set once the health Watch has had its first answer, or its first attempt failed.
+        self._watch_answered = asyncio.Event()
         self.registered = asyncio.Event()
 
     async def start(self) -> None:
         """Try to register once (so a healthy controller knows the worker when this returns),
-        then keep the registration alive in the background."""
-        self._channel = insecure_channel(
+        then keep the registration alive in the background.
+
+        The health Watch is opened first: once its stream is up, a controller that restarts at
+        any moment after it (even before the registration below) breaks the stream, and the worker
+        registers again. Opened after, the Watch could connect to an already restarted controller
+        and take it for the one the worker registered with."""
+        self._channel = open_channel(
             self.controller_address,
+            self._security,
             max_reconnect_backoff_ms=int(_MAX_RECONNECT_BACKOFF_S * 1000),
         )
         self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
-        await self._register()
         self._tasks = [
-            asyncio.create_task(self._run(), name="controller-link"),
-            asyncio.create_task(self._watch_controller(), name="controller-health-watch"),
+            asyncio.create_task(self._watch_controller(), name="controller-health-watch")
         ]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._watch_answered.wait(), self._rpc_timeout)
+        await self._register()
+        self._tasks.append(asyncio.create_task(self._run(), name="controller-link"))
 
     async def stop(self, *, deregister: bool = True) -> None:
         """Stop heartbeating and, unless told otherwise, deregister from the controller. Does
@@ -123,14 +136,18 @@ class ControllerLink:
         health = health_pb2_grpc.HealthStub(self._channel)
         lost = False
         backoff = self._min_backoff
+        first = True
         while True:
             # wait_for_ready: while the controller is down the call waits for the channel to
             # connect (an attempt every _MAX_RECONNECT_BACKOFF_S at most) instead of failing.
-            call = health.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True)
+            # Not on the first attempt, which start() waits for: a controller that is down then
+            # fails it at once.
+            call = health.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=not first)
             # Why the stream ended; None when the controller said it is not serving.
             problem: str | None = "the controller ended the stream"
             try:
                 async for response in call:
+                    self._watch_answered.set()
                     if response.status != health_pb2.HealthCheckResponse.SERVING:
                         # It is shutting down: drop the stream (its graceful stop would wait for
                         # it) and do not register with it.
@@ -145,6 +162,12 @@ class ControllerLink:
                 problem = f"{error.code().name} {error.details()}"
             finally:
                 call.cancel()
+            if first and not self._watch_answered.is_set():
+                # The controller was not there to begin with: start()'s registration attempt
+                # says so; register once it answers.
+                lost = True
+                self._watch_answered.set()
+            first = False
             if not lost:
                 lost = True
                 if problem is None:
