@@ -55,6 +55,9 @@ _BY_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "rate_limit_exceeded"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error", "service_unavailable"),
+    # A call the gateway did not cancel itself (it never answers a client that went away): the
+    # server ended it, e.g. while shutting down, or refused it under a flood of cancelled calls.
+    grpc.StatusCode.CANCELLED: (503, "server_error", "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
 }
 _INTERNAL = (500, "server_error", None)
@@ -95,6 +98,37 @@ def invalid_api_key() -> APIError:
         grpc.StatusCode.UNAUTHENTICATED,
         "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
     )
+
+
+def request_too_large(limit: int, size: int | None = None) -> APIError:
+    """413: the body is over --max-body-bytes (`size` when the client declared it up front)."""
+    got = f"is {size} bytes" if size is not None else "is larger"
+    return APIError(
+        413,
+        f"The request body {got}; the limit is {limit} bytes.",
+        "invalid_request_error",
+        code="request_too_large",
+    )
+
+
+def unreadable_body(body: bytes) -> APIError | None:
+    """400 for a body that cannot be JSON at all: empty or not UTF-8. None when it may be."""
+    if not body.strip():
+        return APIError(
+            400,
+            "The request body is empty: the API expects a JSON object.",
+            "invalid_request_error",
+        )
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return APIError(
+            400,
+            f"The request body is not valid UTF-8 (byte 0x{body[error.start]:02x} at offset "
+            f"{error.start}): the API expects a JSON object encoded in UTF-8.",
+            "invalid_request_error",
+        )
+    return None
 
 
 def _path(loc: Sequence[int | str], names: set[str]) -> tuple[str, int | None]:

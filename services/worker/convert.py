@@ -28,6 +28,12 @@ from services.worker.engine import (
 
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 MAX_TOP_LOGPROBS = 20
+# Sampling divides logits by the temperature and positive logits by the repetition penalty: tiny
+# divisors overflow float32 to inf, and the NaN probabilities that follow fail the whole engine
+# step. Temperatures below this decode greedily, as vLLM does; smaller penalties are refused
+# (2**-7: exact in float32, so the gateway's bound of 0.01 still passes once rounded to float32).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 2**-7
 
 _FINISH_REASONS = {
     None: worker_pb2.FINISH_REASON_UNSPECIFIED,
@@ -169,12 +175,14 @@ def _sampling(params: worker_pb2.SamplingParams, defaults: SamplingParams) -> Sa
     _check(0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}")
     _check(0 <= min_p <= 1, "min_p", f"must be in [0, 1], got {min_p}")
     _check(
-        0 < repetition < math.inf,
+        MIN_REPETITION_PENALTY <= repetition < math.inf,
         "repetition_penalty",
-        f"must be a number > 0, got {repetition}",
+        f"must be a number >= {MIN_REPETITION_PENALTY}, got {repetition}",
     )
     _check(-2 <= presence <= 2, "presence_penalty", f"must be in [-2, 2], got {presence}")
     _check(-2 <= frequency <= 2, "frequency_penalty", f"must be in [-2, 2], got {frequency}")
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        temperature = 0.0
     return SamplingParams(
         temperature=temperature,
         top_p=top_p,
@@ -183,7 +191,7 @@ def _sampling(params: worker_pb2.SamplingParams, defaults: SamplingParams) -> Sa
         repetition_penalty=repetition,
         presence_penalty=presence,
         frequency_penalty=frequency,
-        seed=params.seed if params.HasField("seed") else None,
+        seed=params.seed if params.HasField("seed") else defaults.seed,
     )
 
 

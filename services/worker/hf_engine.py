@@ -38,6 +38,7 @@ from services.worker.embedding import embed_token_ids, tokenize_for_embedding, v
 from services.worker.engine import (
     ChatMessage,
     Engine,
+    EngineStats,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -129,6 +130,15 @@ class SequenceState:
         )
         self.pending_ids, self.pending_logprobs = [], []
         return chunk
+
+
+@dataclass
+class _Counters:
+    """Totals for metrics; written by the engine thread only, read by scrapes."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
 
 
 class EngineState(enum.Enum):
@@ -336,6 +346,7 @@ class HFEngine(Engine):
         self._byte_tokens: frozenset[int] = frozenset()
         self._encoder: Callable[..., Any] | None = None
         self._runner: ModelRunner | None = None
+        self._counters = _Counters()
 
     # -- Engine interface -------------------------------------------------------------------
 
@@ -372,6 +383,7 @@ class HFEngine(Engine):
         try:
             await asyncio.wrap_future(ready)
             await self._warm_up()
+            self._counters = _Counters()  # metrics count requests, not the warm-up
         except BaseException:
             await self.stop()
             raise
@@ -402,6 +414,22 @@ class HFEngine(Engine):
 
     def load(self) -> LoadInfo:
         return self._scheduler.load()
+
+    def stats(self) -> EngineStats:
+        load = self._scheduler.load()
+        runner = self._runner
+        usage = None
+        if runner is not None and runner.max_cache_tokens > 0:
+            usage = runner.cache_tokens_used() / runner.max_cache_tokens
+        counters = self._counters
+        return EngineStats(
+            running=load.running,
+            waiting=load.waiting,
+            kv_cache_usage=usage,
+            prompt_tokens=counters.prompt_tokens,
+            generation_tokens=counters.generation_tokens,
+            preemptions=counters.preemptions,
+        )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         return self._generate(request)
@@ -445,6 +473,12 @@ class HFEngine(Engine):
         )
         seq = self._new_sequence(request, encoded, loaded, asyncio.get_running_loop())
         self._scheduler.submit(seq, internal=internal)
+        logger.debug(
+            "queued %s: %d prompt tokens, up to %d new",
+            request.request_id,
+            len(seq.prompt_ids),
+            seq.max_tokens,
+        )
         try:
             if request.echo:
                 # Prompt logprobs are not computed: the echo chunk carries text and ids only.
@@ -474,16 +508,23 @@ class HFEngine(Engine):
     ) -> SequenceState:
         stopping = request.stopping
         n_prompt, context = len(encoded.token_ids), loaded.context_length
+        # OpenAI's wording, which clients and tools look for. Without max_tokens the answer is
+        # capped to the room left, so only a prompt that fills the context is refused.
+        where = "the messages" if encoded.param == "messages" else "the prompt"
         if n_prompt >= context:
             raise InvalidRequestError(
-                f"the prompt has {n_prompt} tokens but the model's context is {context} tokens",
+                f"This model's maximum context length is {context} tokens. However, {where} "
+                f"resulted in {n_prompt} tokens, leaving no room for the completion. Please "
+                f"reduce the length of {where}.",
                 param=encoded.param,
             )
         room = context - n_prompt
         if stopping.max_tokens is not None and stopping.max_tokens > room:
             raise InvalidRequestError(
-                f"the prompt ({n_prompt} tokens) plus max_tokens ({stopping.max_tokens}) exceeds "
-                f"the model's context of {context} tokens",
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {n_prompt + stopping.max_tokens} tokens ({n_prompt} in {where}, "
+                f"{stopping.max_tokens} in the completion). Please reduce the length of {where} "
+                "or completion.",
                 param="max_tokens",
             )
         max_tokens = room if stopping.max_tokens is None else stopping.max_tokens
@@ -620,7 +661,11 @@ class HFEngine(Engine):
             try:
                 self._step(work.running)
             except Exception as exc:  # the engine thread must survive; the step's requests fail
-                logger.exception("engine step failed; failing %d request(s)", len(work.running))
+                logger.exception(
+                    "engine step failed; failing %d request(s): %s",
+                    len(work.running),
+                    " ".join(seq.request_id for seq in work.running),
+                )
                 for seq in work.running:
                     seq.finished = True
                     self._scheduler.retire(seq)
@@ -649,7 +694,13 @@ class HFEngine(Engine):
             runner.release(victim)
             victim.computed = 0
             self._scheduler.preempt(victim)
-            logger.info("preempted %s: the KV cache budget is full", victim.request_id)
+            self._counters.preemptions += 1
+            # This thread has no request context: the record names its request itself.
+            logger.info(
+                "preempted %s: the KV cache budget is full",
+                victim.request_id,
+                extra={"request_id": victim.request_id},
+            )
         budget = self._options.max_batch_tokens
         decoding = [seq for seq in running if seq.computed == seq.length - 1]
         joining = [seq for seq in running if seq.computed < seq.length - 1]
@@ -675,6 +726,9 @@ class HFEngine(Engine):
         if not batch:
             return
         out = sample(logits, [s.sampling for s in batch])
+        # A sequence without output samples its first token: its prompt is in the cache now.
+        self._counters.prompt_tokens += sum(len(s.prompt_ids) for s in batch if not s.output_ids)
+        self._counters.generation_tokens += len(batch)
         deliveries: list[tuple[SequenceState, QueueItem]] = []
         for seq, token_id, row_logprobs in zip(batch, out.token_ids, out.logprobs, strict=True):
             chunk = self._advance(seq, token_id, row_logprobs)
