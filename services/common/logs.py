@@ -1,4 +1,8 @@
-"""Logging set-up, done once at each entry point: plain text or one JSON object per line."""
+"""Logging set-up, done once at each entry point: plain text or one JSON object per line.
+
+Records about a request carry its id (services.common.request_id): text lines show it in brackets
+after the logger name, JSON lines as a "request_id" field.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,17 @@ import json
 import logging
 import sys
 import time
+
+from services.common.request_id import RequestIdLogFilter
+
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return super().format(record)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -17,6 +32,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            payload["request_id"] = request_id
         if record.exc_info:
             payload["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(payload, ensure_ascii=False)
@@ -28,7 +46,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter(_TEXT_FORMAT))
+    # On the handler, not a logger: handler filters see the records of every logger.
+    handler.addFilter(RequestIdLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -126,6 +126,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         selection = self._dispatcher.select(
             model, method=method, exclude=frozenset(request.exclude_addresses)
         )
+        # The record carries the caller's request id (x-request-id metadata).
+        logger.debug("selected worker %s for %s", selection.address, model)
         return controller_pb2.SelectWorkerResponse(
             address=selection.address, model=_model_to_proto(selection.model)
         )

@@ -112,6 +112,20 @@ class LoadInfo:
     capacity: int
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What a metrics scrape reads from an engine (services/worker/metrics.py): the load now, the
+    KV cache use, and counters since start."""
+
+    running: int
+    waiting: int
+    # Fraction (0..1) of the KV cache budget (--kv-cache-tokens) in use; None: no KV cache.
+    kv_cache_usage: float | None = None
+    prompt_tokens: int = 0  # prompt tokens prefilled (recomputations after preemption excluded)
+    generation_tokens: int = 0  # tokens sampled
+    preemptions: int = 0  # sequences sent back to the queue because the KV cache was full
+
+
 class Engine(abc.ABC):
     """One loaded model. Heavy work runs off the event loop; every method here is safe to await
     from it. Raises services.common.errors types for bad input or overload."""
@@ -134,6 +148,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def load(self) -> LoadInfo: ...
+
+    def stats(self) -> EngineStats:
+        """Load and counters for metrics; engines without counters report their load only."""
+        load = self.load()
+        return EngineStats(running=load.running, waiting=load.waiting)
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:

@@ -59,6 +59,11 @@ class ModelRunner(abc.ABC):
         """Forget a sequence and free its cache (no-op for an unknown key)."""
 
     @abc.abstractmethod
+    def cache_tokens_used(self) -> int:
+        """Positions of the cache budget the cached sequences take, as `fits` counts them. Safe
+        to call from another thread (a metrics scrape) while the engine thread runs."""
+
+    @abc.abstractmethod
     def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
         """Run one step; logits [n, V] for the items that want them, in order."""
 
@@ -132,6 +137,10 @@ class PackedRunner(ModelRunner):
         if len(lengths) > self.max_rows:
             return False
         return len(lengths) * _round_up(max(lengths, default=0)) <= self.max_cache_tokens
+
+    def cache_tokens_used(self) -> int:
+        lengths = list(self._length.values())  # one C-level copy: no lock needed
+        return len(lengths) * _round_up(max(lengths, default=0))
 
     def release(self, key: Hashable) -> None:
         row = self._row_of.pop(key, None)
@@ -317,6 +326,10 @@ class HFRunner(ModelRunner):
 
     def fits(self, lengths: Sequence[int]) -> bool:
         return len(lengths) <= self.max_rows and sum(lengths) <= self.max_cache_tokens
+
+    def cache_tokens_used(self) -> int:
+        caches = list(self._caches.values())  # one C-level copy: no lock needed
+        return sum(int(cache.get_seq_length()) for cache in caches)
 
     def release(self, key: Hashable) -> None:
         self._caches.pop(key, None)
