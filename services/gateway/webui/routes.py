@@ -1,0 +1,408 @@
+"""Routes of the web UI: the page and its assets (open, like /health) and the JSON API behind the
+arena (behind the API key, like the OpenAI routes).
+
+Arena answers stream through the gateway's own chat handler, so the browser never learns which
+model stands behind side "a" or "b" until it has voted: the model names in every chunk and error
+are replaced by the side's label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import grpc
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, ValidationError
+
+from chatfleet.v1 import common_pb2
+from services.common.errors import ChatfleetError
+from services.gateway.arena import (
+    ArenaStore,
+    Battle,
+    BattleBook,
+    DuplicateVoteError,
+    Side,
+    Vote,
+    Winner,
+    elo_ratings,
+)
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import APIError, from_validation_errors, to_api_error
+from services.gateway.protocol import (
+    REQUEST_FIELD_NAMES,
+    ChatCompletionRequest,
+    ChatMessageParam,
+    OpenAIRequestModel,
+    StreamOptions,
+)
+from services.gateway.serving import EventStream, OpenAIServing, RequestContext
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+ContextOf = Callable[[Request], RequestContext]
+Respond = Callable[[Request, Awaitable[BaseModel | EventStream]], Awaitable[Response]]
+
+STATIC_DIR = Path(__file__).parent / "static"
+ASSETS_PREFIX = "/ui"
+# The page and its assets need no API key (they hold no data); the page asks for the key.
+PUBLIC_PATHS = frozenset(
+    {
+        "/",
+        f"{ASSETS_PREFIX}/app.js",
+        f"{ASSETS_PREFIX}/style.css",
+        f"{ASSETS_PREFIX}/vendor/marked.umd.js",
+        f"{ASSETS_PREFIX}/vendor/purify.min.js",
+    }
+)
+_SIDE_LABELS = {"a": "model_a", "b": "model_b"}
+# An arena request holds one short conversation.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+# --- request and response bodies -------------------------------------------------------------
+
+
+class ArenaCompletionRequest(OpenAIRequestModel):
+    """A chat completion asked of one side of a battle; always streamed."""
+
+    side: Side
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**32 - 1)
+
+
+class VoteRequest(OpenAIRequestModel):
+    battle_id: str = Field(min_length=1, max_length=64)
+    winner: Winner
+
+
+class BattleResponse(BaseModel):
+    id: str
+    object: Literal["arena.battle"] = "arena.battle"
+    created: int
+    # True when only one chat model is served and it faces itself.
+    self_match: bool
+
+
+class VoteResponse(BaseModel):
+    battle_id: str
+    object: Literal["arena.vote"] = "arena.vote"
+    winner: str
+    model_a: str
+    model_b: str
+
+
+class LeaderboardEntry(BaseModel):
+    rank: int
+    model: str
+    rating: float
+    votes: int
+    wins: int
+    losses: int
+    ties: int
+
+
+class Leaderboard(BaseModel):
+    object: Literal["arena.leaderboard"] = "arena.leaderboard"
+    total_votes: int
+    data: list[LeaderboardEntry]
+
+
+class UIModel(BaseModel):
+    id: str
+    supports_chat: bool
+    supports_embeddings: bool
+
+
+class UIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UIModel]
+
+
+# Field names, to tell them from union tags in error paths (messages nest the OpenAI ones).
+_FIELD_NAMES = (
+    frozenset(ArenaCompletionRequest.model_fields)
+    | frozenset(VoteRequest.model_fields)
+    | REQUEST_FIELD_NAMES
+)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def chat_models(models: list[common_pb2.ModelInfo]) -> list[str]:
+    """Names of the models that chat. A model that declares no capability at all (kind unset)
+    is kept: better offered and refused than hidden."""
+    names = {
+        model.name
+        for model in models
+        if model.supports_chat or model.kind == common_pb2.MODEL_KIND_UNSPECIFIED
+    }
+    return sorted(names)
+
+
+def _json(model: BaseModel, status_code: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(
+                413,
+                f"The request body is larger than {MAX_BODY_BYTES} bytes.",
+                "invalid_request_error",
+                code="request_too_large",
+            )
+    try:
+        return model.model_validate_json(bytes(body))
+    except ValidationError as error:
+        raise from_validation_errors(error.errors(include_url=False), _FIELD_NAMES) from None
+
+
+def _battle_not_found(battle_id: str) -> APIError:
+    return APIError(
+        404,
+        f"No arena battle '{battle_id}': it does not exist or has expired; start a new one.",
+        "invalid_request_error",
+        "battle_id",
+        "battle_not_found",
+    )
+
+
+def _already_voted() -> APIError:
+    return APIError(
+        400,
+        "This battle already has a vote; start a new one.",
+        "invalid_request_error",
+        "battle_id",
+        "battle_decided",
+    )
+
+
+def _hide(text: str, name: str, label: str) -> str:
+    return text.replace(name, label) if name else text
+
+
+def _anonymous(event: str, name: str, label: str) -> str:
+    """An SSE event of the chat stream with the model's name replaced by the side's label."""
+    prefix = "data: "
+    if not event.startswith(prefix + "{"):
+        return event
+    payload: dict[str, Any] = json.loads(event[len(prefix) :])
+    if "model" in payload:
+        payload["model"] = label
+    error = payload.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        error["message"] = _hide(error["message"], name, label)
+    return f"{prefix}{json.dumps(payload)}\n\n"
+
+
+async def _anonymous_events(
+    events: AsyncIterator[str], name: str, label: str
+) -> AsyncIterator[str]:
+    async for event in events:
+        yield _anonymous(event, name, label)
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+class WebUIRoutes:
+    """The web UI's endpoints, built on the app's own helpers: `context` gives a request its id
+    and deadlines, `respond` runs a handler and cancels it (and its gRPC calls) when the client
+    goes away."""
+
+    def __init__(self, context: ContextOf, respond: Respond) -> None:
+        self._context = context
+        self._respond = respond
+
+    @staticmethod
+    def _serving(request: Request) -> OpenAIServing:
+        serving: OpenAIServing = request.app.state.serving
+        return serving
+
+    @staticmethod
+    def _arena(request: Request) -> tuple[BattleBook, ArenaStore]:
+        return request.app.state.arena_battles, request.app.state.arena_store
+
+    async def index(self, request: Request) -> Response:
+        # no-cache: the page is revalidated (cheaply, by ETag) so an upgrade shows at once.
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def models(self, request: Request) -> Response:
+        """The served models with what they can do (the OpenAI list does not say)."""
+        ctx = self._context(request)
+        infos = await self._serving(request).upstream.list_models(
+            deadline=ctx.deadline, metadata=ctx.metadata
+        )
+        chat = set(chat_models(infos))
+        by_name = {info.name: info for info in infos}
+        return _json(
+            UIModelList(
+                data=[
+                    UIModel(
+                        id=name,
+                        supports_chat=name in chat,
+                        supports_embeddings=by_name[name].supports_embeddings,
+                    )
+                    for name in sorted(by_name)
+                ]
+            )
+        )
+
+    async def start_battle(self, request: Request) -> Response:
+        ctx = self._context(request)
+        infos = await self._serving(request).upstream.list_models(
+            deadline=ctx.deadline, metadata=ctx.metadata
+        )
+        names = chat_models(infos)
+        if not names:
+            raise APIError(
+                503,
+                "No chat model is being served: the arena needs at least one.",
+                "server_error",
+                code="service_unavailable",
+            )
+        battles, _ = self._arena(request)
+        battle = battles.start(names)
+        logger.info("arena battle %s started", battle.id)
+        return _json(
+            BattleResponse(id=battle.id, created=int(battle.created), self_match=battle.self_match),
+            status_code=201,
+        )
+
+    def _open_battle(self, request: Request, battle_id: str) -> Battle:
+        battles, _ = self._arena(request)
+        battle = battles.get(battle_id)
+        if battle is None:
+            raise _battle_not_found(battle_id)
+        if battle.winner is not None:
+            raise _already_voted()
+        return battle
+
+    async def battle_completion(self, request: Request, battle_id: str) -> Response:
+        body = await _parse(request, ArenaCompletionRequest)
+        battle = self._open_battle(request, battle_id)
+        battle.asked.add(body.side)
+        name, label = battle.model(body.side), _SIDE_LABELS[body.side]
+        chat = ChatCompletionRequest(
+            model=name,
+            messages=body.messages,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            max_tokens=body.max_tokens,
+            stream=True,
+            stream_options=StreamOptions(include_usage=True),
+        )
+        return await self._respond(request, self._anonymous_stream(request, chat, name, label))
+
+    async def _anonymous_stream(
+        self, request: Request, chat: ChatCompletionRequest, name: str, label: str
+    ) -> BaseModel | EventStream:
+        try:
+            result = await self._serving(request).create_chat_completion(
+                chat, self._context(request)
+            )
+        except (APIError, ChatfleetError, grpc.aio.AioRpcError) as error:
+            api_error = to_api_error(error)
+            api_error.message = _hide(api_error.message, name, label)
+            raise api_error from None
+        assert isinstance(result, EventStream)  # stream=True
+        return EventStream(_anonymous_events(result.events, name, label), result.close)
+
+    async def vote(self, request: Request) -> Response:
+        body = await _parse(request, VoteRequest)
+        battle = self._open_battle(request, body.battle_id)
+        if battle.asked != {"a", "b"}:
+            raise APIError(
+                400,
+                "Both models must be asked to answer before a vote.",
+                "invalid_request_error",
+                "battle_id",
+            )
+        _, store = self._arena(request)
+        # Marked before the write so that two votes racing on one battle cannot both be stored.
+        battle.winner = body.winner
+        try:
+            await store.add(
+                Vote(battle.id, battle.model_a, battle.model_b, body.winner, time.time())
+            )
+        except DuplicateVoteError:
+            raise _already_voted() from None
+        except BaseException:
+            battle.winner = None
+            raise
+        logger.info("arena battle %s: vote %s", battle.id, body.winner)
+        return _json(
+            VoteResponse(
+                battle_id=battle.id,
+                winner=body.winner,
+                model_a=battle.model_a,
+                model_b=battle.model_b,
+            )
+        )
+
+    async def leaderboard(self, request: Request) -> Response:
+        _, store = self._arena(request)
+        votes = await store.votes()
+        ratings = elo_ratings(votes)
+        return _json(
+            Leaderboard(
+                total_votes=len(votes),
+                data=[
+                    LeaderboardEntry(
+                        rank=rank,
+                        model=r.model,
+                        rating=round(r.rating, 1),
+                        votes=r.votes,
+                        wins=r.wins,
+                        losses=r.losses,
+                        ties=r.ties,
+                    )
+                    for rank, r in enumerate(ratings, start=1)
+                ],
+            )
+        )
+
+
+def _router(routes: WebUIRoutes) -> APIRouter:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        config: GatewayConfig = app.state.config
+        app.state.arena_battles = BattleBook(random.Random())
+        app.state.arena_store = ArenaStore(config.arena_db)
+        logger.info("arena votes are kept in %s", config.arena_db)
+        yield
+
+    router = APIRouter(lifespan=lifespan)
+    endpoints: list[tuple[str, Callable[..., Awaitable[Response]], str]] = [
+        ("/", routes.index, "GET"),
+        ("/api/models", routes.models, "GET"),
+        ("/api/arena/battles", routes.start_battle, "POST"),
+        ("/api/arena/battles/{battle_id}/completions", routes.battle_completion, "POST"),
+        ("/api/arena/votes", routes.vote, "POST"),
+        ("/api/arena/leaderboard", routes.leaderboard, "GET"),
+    ]
+    for path, endpoint, method in endpoints:
+        router.add_api_route(path, endpoint, methods=[method], include_in_schema=path != "/")
+    return router
+
+
+def install_webui(app: FastAPI, *, context: ContextOf, respond: Respond) -> None:
+    """Add the page, its assets and the arena API to the gateway app."""
+    app.include_router(_router(WebUIRoutes(context, respond)))
+    app.mount(ASSETS_PREFIX, StaticFiles(directory=STATIC_DIR), name="webui-assets")
