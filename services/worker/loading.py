@@ -157,8 +157,12 @@ class LoadPlan:
 
         torch.set_num_threads(threads or default_threads())
         started = time.monotonic()
+        # Progress for `chatfleet up`, which shows these lines (and transformers' progress bars)
+        # as a status line per model: a GGUF tokenizer alone takes seconds to convert.
+        logger.info("loading %s from %s", self.names[0], self.source.display)
         kwargs = self.source.kwargs()
         tokenizer = AutoTokenizer.from_pretrained(self.source.directory, **kwargs)
+        logger.info("loading %s: tokenizer ready, reading the weights", self.names[0])
         auto_class = AutoModelForCausalLM if self.kind is ModelKind.CAUSAL_LM else AutoModel
         model = _from_pretrained(auto_class, self.source, self.device, self.dtype)
         model.eval()
