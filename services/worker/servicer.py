@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 
 import grpc
 
@@ -79,8 +80,10 @@ class ModelRegistry:
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """Serves a ModelRegistry over gRPC and counts calls in flight so shutdown can drain them."""
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: ModelRegistry, *, seed: int | None = None) -> None:
         self._models = models
+        # The sampling seed of requests that bring none (the worker's --seed).
+        self._seed = seed
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -103,7 +106,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         with self._call(new_work=True):
             engine = self._models.get(request.model)
-            generation = convert.to_generation_request(request, engine.description.default_sampling)
+            defaults = engine.description.default_sampling
+            if self._seed is not None:
+                defaults = replace(defaults, seed=self._seed)
+            generation = convert.to_generation_request(request, defaults)
             stream = engine.generate(generation)
             # Close the engine's stream whenever this one ends, also when the client goes away
             # mid-stream and gRPC closes this generator while it waits at `yield`: that is what

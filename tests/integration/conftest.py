@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from services.cli.launcher import ServiceProcess, free_port, wait_models_listed
 
@@ -69,13 +67,15 @@ class Stack:
             print(f"==== {path.name}\n{path.read_text()[-4000:]}")
 
 
-def make_stack(log_dir: Path) -> Stack:
+def make_stack(log_dir: Path, extra_worker_args: Sequence[str] = ()) -> Stack:
+    """A stack whose worker also gets `extra_worker_args` (for example --model-path and
+    --model-names to serve the default model under more names)."""
     env = service_env()
     controller_port, worker_port, gateway_port = free_port(), free_port(), free_port()
     controller_address = f"{HOST}:{controller_port}"
     worker_args = [
         "--host", HOST, "--port", str(worker_port),
-        "--controller-address", controller_address, "--device", "cpu",
+        "--controller-address", controller_address, "--device", "cpu", *extra_worker_args,
     ]  # fmt: skip
     gateway_args = [
         "--host", HOST, "--port", str(gateway_port), "--controller-address", controller_address
@@ -94,14 +94,5 @@ def make_stack(log_dir: Path) -> Stack:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = make_stack(tmp_path_factory.mktemp("stack-logs"))
-    try:
-        running.start()
-        yield running
-    except BaseException:
-        running.dump_logs()
-        raise
-    finally:
-        running.stop()
+# The session's `stack` fixture lives in tests/conftest.py, so the browser tests (tests/e2e) share
+# the one stack with these.
