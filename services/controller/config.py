@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.config import LOG_FORMATS, LOG_LEVELS, FlagParser, add_logging_flags
+from services.common.fastchat_compat import UNSUPPORTED_CONTROLLER_FLAGS, add_unsupported_flags
+from services.common.metrics_server import add_metrics_port_flag, check_metrics_port
+from services.common.security import GrpcSecurity, add_security_flags
 from services.controller.dispatcher import DispatchMethod
 
 
@@ -19,10 +22,15 @@ class ControllerConfig:
     heartbeat_interval: int = 5
     # How long in-flight calls may take to finish on shutdown.
     shutdown_grace: float = 5.0
+    # Token and TLS of its server, and of its health Watch calls to workers.
+    security: GrpcSecurity = field(default_factory=GrpcSecurity)
     log_level: str = "INFO"
     log_format: str = "text"
+    # Port of the Prometheus /metrics endpoint (0: a free one); None: no endpoint.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
+        check_metrics_port(self.metrics_port)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
         if self.heartbeat_interval < 1:
@@ -50,8 +58,10 @@ class ControllerConfig:
             dispatch_method=method,
             heartbeat_interval=ns.heartbeat_interval,
             shutdown_grace=ns.shutdown_grace,
+            security=GrpcSecurity.from_namespace(ns),
             log_level=ns.log_level.upper(),
             log_format=ns.log_format,
+            metrics_port=ns.metrics_port,
         )
 
 
@@ -92,4 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         help="seconds in-flight calls may take to finish on SIGTERM",
         env="CHATFLEET_CONTROLLER_SHUTDOWN_GRACE",
     )
+    add_security_flags(flags)
     add_logging_flags(flags, level=defaults.log_level, fmt=defaults.log_format)
+    add_metrics_port_flag(flags, env="CHATFLEET_CONTROLLER_METRICS_PORT")
+    add_unsupported_flags(parser, UNSUPPORTED_CONTROLLER_FLAGS)

@@ -43,7 +43,14 @@ class HttpServer:
     and a busy port fails with OSError before anything starts."""
 
     def __init__(
-        self, app: FastAPI, *, host: str, port: int, shutdown_grace_seconds: float
+        self,
+        app: FastAPI,
+        *,
+        host: str,
+        port: int,
+        shutdown_grace_seconds: float,
+        ssl_keyfile: str | None = None,
+        ssl_certfile: str | None = None,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.create_server((host, port), family=family)
@@ -59,14 +66,18 @@ class HttpServer:
                 access_log=False,
                 ws="none",
                 timeout_graceful_shutdown=math.ceil(shutdown_grace_seconds),
+                # HTTPS when both are given (uvicorn loads them when the server starts).
+                ssl_keyfile=ssl_keyfile,
+                ssl_certfile=ssl_certfile,
             )
         )
+        self.scheme = "https" if ssl_keyfile and ssl_certfile else "http"
         self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def start(self) -> None:
         """Run the app's lifespan and start accepting connections."""
@@ -102,6 +113,8 @@ async def serve(config: GatewayConfig, *, ready: asyncio.Event | None = None) ->
         host=config.host,
         port=config.port,
         shutdown_grace_seconds=config.shutdown_grace_seconds,
+        ssl_keyfile=config.ssl_keyfile if config.ssl else None,
+        ssl_certfile=config.ssl_certfile if config.ssl else None,
     )
     waiters: list[asyncio.Future[Any]] = []
     try:

@@ -2,20 +2,37 @@
 
 Request models validate types and ranges strictly (JSON mode: "1" is not a number, "yes" is not a
 boolean). Unknown fields are logged and ignored; fields OpenAI defines that chatfleet cannot honour
-are declared here and rejected with a 400 by serving.py.
+are declared here and rejected with a 400 by serving.py. Their JSON schemas are the request bodies
+of the gateway's OpenAPI document (app.py).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 logger = logging.getLogger(__name__)
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
+# Prompts (or embedding inputs) of one request, as OpenAI limits embedding inputs; and choices of
+# one completions request (n times the prompts), each of which is a Generate call upstream: a
+# request that fails cancels all of its calls, and a burst of thousands of cancelled calls makes a
+# gRPC server refuse new ones for a moment (its defence against HTTP/2 rapid resets).
+MAX_PROMPTS = 2048
+MAX_CHOICES = 256
 _UINT32_MAX = 2**32 - 1
 
 TokenId = Annotated[int, Field(ge=0, le=_UINT32_MAX)]
@@ -38,8 +55,64 @@ class OpenAIRequestModel(BaseModel):
         return self
 
 
+JsonSchemaEdit = Callable[[dict[str, Any]], None]
+_NULL = {"type": "null"}
+
+
+def _documented(
+    accepted: Mapping[str, dict[str, Any]] | None = None, edit: JsonSchemaEdit | None = None
+) -> Callable[[dict[str, Any]], None]:
+    """A `json_schema_extra` documenting what chatfleet accepts where the model's types are wider
+    (they let a field be read so that the 400 can say why it is refused): `accepted` replaces
+    the schemas of fields, `edit` changes the model's schema further. This keeps /docs honest,
+    and lets schemathesis' valid requests get past the "not supported" checks."""
+
+    def apply(schema: dict[str, Any]) -> None:
+        for name, definition in (accepted or {}).items():
+            kept = {"default": None} if "default" in schema["properties"][name] else {}
+            schema["properties"][name] = {**kept, **definition}
+        if edit is not None:
+            edit(schema)
+
+    return apply
+
+
+def _unsupported(*neutral: Any) -> dict[str, Any]:
+    """The schema of an unsupported field: left out, null, or one of its neutral values."""
+    return {"enum": [None, *neutral], "description": "Not supported: only neutral values pass."}
+
+
+def _without_null(definition: dict[str, Any]) -> None:
+    definition["anyOf"] = [branch for branch in definition["anyOf"] if branch != _NULL]
+    definition.pop("default", None)
+
+
+def _non_empty_lists(definition: dict[str, Any], *, max_items: int | None = None) -> None:
+    """Lists in a prompt union (and the token lists inside them) hold one item at least."""
+    for branch in definition["anyOf"]:
+        if branch.get("type") == "array":
+            branch["minItems"] = 1
+            if max_items is not None and branch["items"].get("type") != "integer":
+                branch["maxItems"] = max_items
+            if branch["items"].get("type") == "array":
+                branch["items"]["minItems"] = 1
+
+
+_NO_LOGIT_BIAS = {
+    "logit_bias": {
+        "anyOf": [_NULL, {"type": "object", "maxProperties": 0}],
+        "description": "Not supported: only an empty object passes.",
+    }
+}
+
+
 class StreamOptions(OpenAIRequestModel):
     include_usage: bool | None = None
+
+
+def _content_part_schema(schema: dict[str, Any]) -> None:
+    schema["properties"]["text"].pop("default", None)
+    schema["required"] = ["type", "text"]
 
 
 class ContentPart(OpenAIRequestModel):
@@ -47,18 +120,42 @@ class ContentPart(OpenAIRequestModel):
 
     # Other part types carry fields of their own (image_url, input_audio...): not worth a warning,
     # the part is rejected anyway.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(
+        extra="ignore",
+        strict=True,
+        json_schema_extra=_documented(
+            {"type": {"const": "text"}, "text": {"type": "string"}},
+            _content_part_schema,
+        ),
+    )
 
     type: str
     text: str | None = None
 
 
+def _chat_message_schema(schema: dict[str, Any]) -> None:
+    # Tool and function messages need tool calling; a message needs content.
+    schema["properties"]["role"]["enum"] = ["system", "developer", "user", "assistant"]
+    _without_null(schema["properties"]["content"])
+    schema["required"] = ["role", "content"]
+
+
 class ChatMessageParam(OpenAIRequestModel):
+    model_config = ConfigDict(
+        json_schema_extra=_documented(
+            {
+                "tool_calls": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
+                "function_call": _unsupported(),
+            },
+            _chat_message_schema,
+        )
+    )
+
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     # Unsupported (no tool calling): rejected when set.
-    tool_calls: Any = None
+    tool_calls: list[Any] | None = None
     tool_call_id: Any = None
     function_call: Any = None
 
@@ -82,7 +179,8 @@ class SamplingExtras(OpenAIRequestModel):
     # Extras, as vLLM and FastChat accept them. top_k -1 or 0 means no limit.
     top_k: int | None = Field(default=None, ge=-1, le=_UINT32_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    # Smaller ones overflow the sampler's float32 arithmetic (the worker refuses below 2**-7).
+    repetition_penalty: float | None = Field(default=None, ge=0.01)
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
@@ -90,16 +188,43 @@ class SamplingExtras(OpenAIRequestModel):
     logit_bias: dict[str, Any] | None = None
 
 
+def _top_logprobs_needs_logprobs(schema: dict[str, Any]) -> None:
+    schema["if"] = {
+        "properties": {"top_logprobs": {"type": "integer"}},
+        "required": ["top_logprobs"],
+    }
+    schema["then"] = {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}
+
+
 class ChatCompletionRequest(SamplingExtras):
+    model_config = ConfigDict(
+        json_schema_extra=_documented(
+            {
+                **_NO_LOGIT_BIAS,
+                "tools": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
+                "functions": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
+                "tool_choice": _unsupported("none"),
+                "function_call": _unsupported("none"),
+                "response_format": _unsupported({"type": "text"}),
+                "audio": _unsupported(),
+                "modalities": _unsupported(["text"]),
+                "prediction": _unsupported(),
+                "reasoning_effort": _unsupported(),
+                "web_search_options": _unsupported(),
+            },
+            _top_logprobs_needs_logprobs,
+        )
+    )
+
     messages: list[ChatMessageParam] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Unsupported: rejected when set (see serving.unsupported_chat_param).
-    tools: Any = None
+    # Unsupported: rejected when set (see serving._reject_unsupported_chat).
+    tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
-    functions: Any = None
+    functions: list[Any] | None = None
     function_call: Any = None
     response_format: Any = None
     audio: Any = None
@@ -112,22 +237,112 @@ class ChatCompletionRequest(SamplingExtras):
 CompletionPrompt = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
+def _check_batch_size(value: CompletionPrompt, n: int = 1) -> CompletionPrompt:
+    """A list of prompts (not of token ids) is a batch: at most MAX_PROMPTS, and n per prompt at
+    most MAX_CHOICES in all."""
+    if isinstance(value, str) or not value or isinstance(value[0], int):
+        return value
+    if len(value) > MAX_PROMPTS:
+        raise PydanticCustomError(
+            "too_many_prompts",
+            "at most {limit} items may be sent at once, got {count}",
+            {"limit": MAX_PROMPTS, "count": len(value)},
+        )
+    if len(value) * n > MAX_CHOICES:
+        raise PydanticCustomError(
+            "too_many_choices",
+            "n ({n}) times {count} prompts asks for more than {limit} completions",
+            {"n": n, "count": len(value), "limit": MAX_CHOICES},
+        )
+    return value
+
+
 class CompletionRequest(SamplingExtras):
+    model_config = ConfigDict(
+        json_schema_extra=_documented(
+            {
+                **_NO_LOGIT_BIAS,
+                # best_of may also equal n: left as an integer.
+                "suffix": {"anyOf": [_NULL, {"type": "string", "maxLength": 0}]},
+            },
+            lambda schema: _non_empty_lists(schema["properties"]["prompt"], max_items=MAX_CHOICES),
+        )
+    )
+
     prompt: CompletionPrompt
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Unsupported: rejected when set (see serving.unsupported_completion_param).
+    # Unsupported: rejected when set (see serving._reject_unsupported_completion).
     suffix: str | None = None
     best_of: int | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_batch(cls, value: CompletionPrompt, info: ValidationInfo) -> CompletionPrompt:
+        # `n` is declared (so validated) before `prompt`; absent when it was invalid.
+        return _check_batch_size(value, info.data.get("n") or 1)
+
+
+def _embedding_input_schema(schema: dict[str, Any]) -> None:
+    # Texts only: token id inputs are refused (serving._embedding_inputs).
+    text_input = schema["properties"]["input"]
+    text_input["anyOf"] = [
+        branch
+        for branch in text_input["anyOf"]
+        if branch.get("type") == "string" or branch.get("items", {}).get("type") == "string"
+    ]
+    _non_empty_lists(text_input, max_items=MAX_PROMPTS)
+
 
 class EmbeddingRequest(OpenAIRequestModel):
+    model_config = ConfigDict(
+        json_schema_extra=_documented({"dimensions": _unsupported()}, _embedding_input_schema)
+    )
+
     model: str
     input: CompletionPrompt
     encoding_format: Literal["float", "base64"] | None = None
     user: str | None = None
     # Unsupported: rejected when set.
     dimensions: int | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _bounded_batch(cls, value: CompletionPrompt) -> CompletionPrompt:
+        return _check_batch_size(value)
+
+
+# --- FastChat's extra routes (fastchat_routes.py) ----------------------------------------------
+
+
+class FastChatChatCompletionRequest(ChatCompletionRequest):
+    """POST /api/v1/chat/completions: as /v1/chat/completions, but `messages` may also be a string
+    (one user message), as FastChat's APIChatCompletionRequest allows."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_user_message(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("messages"), str):
+            return {**data, "messages": [{"role": "user", "content": data["messages"]}]}
+        return data
+
+
+class EngineEmbeddingRequest(EmbeddingRequest):
+    """POST /v1/engines/{model}/embeddings: `model` may be left out (the path names it then)."""
+
+    model: str = ""
+
+
+class TokenCheckItem(OpenAIRequestModel):
+    model: str
+    prompt: str
+    max_tokens: int = Field(ge=0, le=_UINT32_MAX)
+
+
+class TokenCheckRequest(OpenAIRequestModel):
+    """POST /api/v1/token_check: does each prompt plus its max_tokens fit the model's context?"""
+
+    prompts: list[TokenCheckItem] = Field(max_length=MAX_PROMPTS)
 
 
 def _field_names(*models: type[BaseModel]) -> frozenset[str]:
@@ -142,10 +357,29 @@ REQUEST_FIELD_NAMES = _field_names(
     StreamOptions,
     CompletionRequest,
     EmbeddingRequest,
+    TokenCheckRequest,
+    TokenCheckItem,
 )
 
 
 # --- responses ---------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error the gateway returns (errors.APIError.body)."""
+
+    error: ErrorDetail
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "unavailable"]
 
 
 class UsageInfo(BaseModel):
@@ -284,3 +518,15 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+class TokenCheckResult(BaseModel):
+    """One prompt's answer, in FastChat's camelCase."""
+
+    fits: bool
+    tokenCount: int
+    contextLength: int
+
+
+class TokenCheckResponse(BaseModel):
+    prompts: list[TokenCheckResult]

@@ -6,10 +6,18 @@ import argparse
 import re
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.config import LOG_FORMATS, LOG_LEVELS, FlagParser, add_logging_flags
+from services.common.fastchat_compat import (
+    UNSUPPORTED_WORKER_FLAGS,
+    add_unsupported_flags,
+    host_port,
+    parse_memory,
+)
+from services.common.metrics_server import add_metrics_port_flag, check_metrics_port
+from services.common.security import GrpcSecurity, add_security_flags
 from services.worker.default_models import default_model_specs
 from services.worker.loading import DTYPES, QUANTIZATIONS, EngineOptions, ModelSpec
 
@@ -38,13 +46,25 @@ class WorkerConfig:
     kv_cache_tokens: int = EngineOptions.kv_cache_tokens
     packed: bool = EngineOptions.packed
     quantization: str = EngineOptions.quantization
+    # The sampling seed of every request that brings none (FastChat's --seed).
+    seed: int | None = None
+    # FastChat's --num-gpus and --max-gpu-memory: a model runs on one device, so several GPUs are
+    # refused, and the memory cap (which FastChat applies only when splitting a model over
+    # several GPUs) has nothing to act on.
+    num_gpus: int = 1
+    max_gpu_memory: str | None = None
     heartbeat_interval: float = 5.0
     # How long in-flight requests may take to finish after SIGTERM.
     shutdown_grace: float = 10.0
+    # Token and TLS of its server, and of its calls to the controller.
+    security: GrpcSecurity = field(default_factory=GrpcSecurity)
     log_level: str = "INFO"
     log_format: str = "text"
+    # Port of the Prometheus /metrics endpoint (0: a free one); None: no endpoint.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
+        check_metrics_port(self.metrics_port)
         if not self.models:
             raise ValueError("at least one model is needed (--model-path)")
         _check_unique_names(self.models)
@@ -75,6 +95,21 @@ class WorkerConfig:
             raise ValueError(
                 f"--quantization must be one of {', '.join(QUANTIZATIONS)}, "
                 f"got {self.quantization!r}"
+            )
+        if self.quantization == "int8" and self.device not in ("auto", "cpu"):
+            raise ValueError(
+                f"--load-8bit (--quantization int8): int8 weights run on the CPU only, not on "
+                f"{self.device}; use --device cpu or drop the flag"
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
+        if self.num_gpus < 1:
+            raise ValueError(f"--num-gpus must be at least 1, got {self.num_gpus}")
+        if self.num_gpus > 1 and self.device != "cpu":
+            raise ValueError(
+                f"--num-gpus {self.num_gpus}: chatfleet runs each model on one device; start one "
+                "worker per GPU (--device cuda:0, --device cuda:1, ...) and the controller "
+                "balances requests between them"
             )
         if not self.heartbeat_interval > 0:
             raise ValueError(f"--heartbeat-interval must be > 0, got {self.heartbeat_interval}")
@@ -115,8 +150,9 @@ class WorkerConfig:
             models=model_specs(ns.model_path or [], ns.model_names or []),
             host=ns.host,
             port=ns.port,
-            worker_address=ns.worker_address or None,
-            controller_address=ns.controller_address,
+            # FastChat writes addresses as URLs (http://host:port): gRPC wants host:port.
+            worker_address=host_port(ns.worker_address) if ns.worker_address else None,
+            controller_address=host_port(ns.controller_address),
             no_register=not ns.register,
             device=ns.device,
             dtype=ns.dtype,
@@ -127,10 +163,15 @@ class WorkerConfig:
             kv_cache_tokens=ns.kv_cache_tokens,
             packed=ns.packed,
             quantization=ns.quantization,
+            seed=ns.seed,
+            num_gpus=ns.num_gpus,
+            max_gpu_memory=ns.max_gpu_memory,
             heartbeat_interval=ns.heartbeat_interval,
             shutdown_grace=ns.shutdown_grace,
+            security=GrpcSecurity.from_namespace(ns),
             log_level=ns.log_level.upper(),
             log_format=ns.log_format,
+            metrics_port=ns.metrics_port,
         )
 
 
@@ -254,9 +295,11 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
     flags.add("--dtype", default=defaults.dtype, choices=DTYPES, help="weights' data type")
     flags.add(
         "--max-batch-size",
+        "--limit-worker-concurrency",
         default=defaults.max_running,
         type=int,
-        help="requests decoded together per model",
+        help="requests decoded together per model; more wait in the queue "
+        "(--limit-worker-concurrency is FastChat's name)",
     )
     flags.add(
         "--max-queue",
@@ -290,6 +333,43 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         help="int8: int8 weights and per-token int8 activations in linear layers (CPU only; "
         "batch-invariant); auto: int8 for generative models on the CPU, none elsewhere",
     )
+    parser.add_argument(
+        "--load-8bit",
+        dest="quantization",
+        action="store_const",
+        const="int8",
+        default=argparse.SUPPRESS,
+        help="FastChat's flag: the same as --quantization int8, CPU only "
+        "(env CHATFLEET_QUANTIZATION=int8)",
+    )
+    flags.add(
+        "--num-gpus",
+        default=defaults.num_gpus,
+        type=int,
+        help="GPUs a model is split over, as in FastChat: only 1 (one worker per GPU instead); "
+        "ignored with --device cpu",
+    )
+    flags.add(
+        "--max-gpu-memory",
+        default=None,
+        type=parse_memory,
+        help="FastChat's per-GPU weight memory cap such as 13GiB; as in FastChat with one GPU it "
+        "has no effect",
+    )
+    parser.add_argument(
+        "--embed-in-truncate",
+        action="store_true",
+        help="FastChat's flag, accepted as chatfleet always does this: an embedding input longer "
+        "than the model's context is truncated to it",
+    )
+    flags.add(
+        "--seed",
+        default=None,
+        type=int,
+        help="sampling seed of every request that gives none (the same prompt and settings then "
+        "give the same answer)",
+        env="CHATFLEET_WORKER_SEED",
+    )
     flags.add_bool(
         "--packed",
         default=defaults.packed,
@@ -310,4 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         help="seconds in-flight requests may take to finish on SIGTERM",
         env="CHATFLEET_WORKER_SHUTDOWN_GRACE",
     )
+    add_security_flags(flags)
     add_logging_flags(flags, level=defaults.log_level, fmt=defaults.log_format)
+    add_metrics_port_flag(flags, env="CHATFLEET_WORKER_METRICS_PORT")
+    add_unsupported_flags(parser, UNSUPPORTED_WORKER_FLAGS)
