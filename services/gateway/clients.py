@@ -280,6 +280,23 @@ class Upstream:
                     last_error = error
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    async def tokenize(
+        self, model: str, text: str, *, deadline: Deadline, metadata: Metadata = ()
+    ) -> worker_pb2.TokenizeResponse:
+        """Count `text`'s tokens on a worker serving `model` (a cheap call: no retry)."""
+        with self._admitted():
+            selection = await self._select(model, (), deadline, metadata)
+            request = worker_pb2.TokenizeRequest(model=selection.model.name or model, text=text)
+            try:
+                response: worker_pb2.TokenizeResponse = await self.workers.stub(
+                    selection.address
+                ).Tokenize(request, timeout=deadline.remaining(), metadata=metadata)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise _auth_failure(error, selection.address) from None
+                raise
+            return response
+
     def _retry(
         self, error: grpc.aio.AioRpcError, request_id: str, address: str, attempt: int
     ) -> bool:

@@ -106,16 +106,7 @@ async def check_tokens(
 async def _tokenize(
     upstream: Upstream, model: str, text: str, ctx: RequestContext
 ) -> worker_pb2.TokenizeResponse:
-    # A cheap call: a worker that fails it fails the request (no retry on another worker).
-    selection = await upstream.controller.select_worker(
-        model, exclude=(), timeout=ctx.deadline.remaining(), metadata=ctx.metadata
-    )
-    request = worker_pb2.TokenizeRequest(model=selection.model.name or model, text=text)
-    stub = upstream.workers.stub(selection.address)
-    response: worker_pb2.TokenizeResponse = await stub.Tokenize(
-        request, timeout=ctx.deadline.remaining(), metadata=ctx.metadata
-    )
-    return response
+    return await upstream.tokenize(model, text, deadline=ctx.deadline, metadata=ctx.metadata)
 
 
 def _serving(request: Request) -> OpenAIServing:
