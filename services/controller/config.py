@@ -22,6 +22,9 @@ class ControllerConfig:
     heartbeat_interval: int = 5
     # How long in-flight calls may take to finish on shutdown.
     shutdown_grace: float = 5.0
+    # A worker unreachable this long is dropped from the registry (it re-registers when it is
+    # back); 0 keeps unreachable workers for ever.
+    forget_after: float = 300.0
     # Token and TLS of its server, and of its health Watch calls to workers.
     security: GrpcSecurity = field(default_factory=GrpcSecurity)
     log_level: str = "INFO"
@@ -39,6 +42,8 @@ class ControllerConfig:
             )
         if self.shutdown_grace < 0:
             raise ValueError(f"--shutdown-grace must not be negative, got {self.shutdown_grace}")
+        if self.forget_after < 0:
+            raise ValueError(f"--forget-after must not be negative, got {self.forget_after}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:
@@ -58,6 +63,7 @@ class ControllerConfig:
             dispatch_method=method,
             heartbeat_interval=ns.heartbeat_interval,
             shutdown_grace=ns.shutdown_grace,
+            forget_after=ns.forget_after,
             security=GrpcSecurity.from_namespace(ns),
             log_level=ns.log_level.upper(),
             log_format=ns.log_format,
@@ -101,6 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         type=float,
         help="seconds in-flight calls may take to finish on SIGTERM",
         env="CHATFLEET_CONTROLLER_SHUTDOWN_GRACE",
+    )
+    flags.add(
+        "--forget-after",
+        default=defaults.forget_after,
+        type=float,
+        help="seconds a worker may stay unreachable before it is dropped from the registry "
+        "(it re-registers when it comes back); 0 keeps it for ever",
+        env="CHATFLEET_CONTROLLER_FORGET_AFTER",
     )
     add_security_flags(flags)
     add_logging_flags(flags, level=defaults.log_level, fmt=defaults.log_format)

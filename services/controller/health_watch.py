@@ -2,7 +2,10 @@
 
 Every Watch message sets the worker's state; a broken stream marks it UNREACHABLE at once (a dead
 process resets the connection, a silent host is caught by channel keepalive) and the task reconnects
-with backoff for as long as the worker stays registered.
+with backoff for as long as the worker stays registered, or until it has been unreachable for
+`forget_after` seconds: then the worker is dropped from the registry, so a fleet whose workers come
+and go (autoscaling, pod IPs that change) does not accumulate dead entries. A worker that comes back
+is told to re-register by its next heartbeat.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ class HealthWatcher:
         channel_factory: Callable[[str], grpc.aio.Channel] = insecure_channel,
         min_backoff: float = 0.2,
         max_backoff: float = 2.0,
+        forget_after: float = 0.0,
     ) -> None:
         self._registry = registry
+        self._forget_after = forget_after  # 0: never
         self._channel_factory = channel_factory
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
@@ -76,10 +81,10 @@ class HealthWatcher:
             await self.unwatch(address)
 
     async def wait_for_state(
-        self, address: str, states: Collection[WorkerState], timeout: float
+        self, address: str, states: Collection[WorkerState | None], timeout: float
     ) -> WorkerState | None:
-        """Wait until the worker is in one of `states`; returns its state, which may be another
-        one (or None when deregistered) if `timeout` seconds pass first."""
+        """Wait until the worker is in one of `states` (None: not registered); returns its state,
+        which may be another one (or None when deregistered) if `timeout` seconds pass first."""
         async with self._changed:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
@@ -95,8 +100,23 @@ class HealthWatcher:
         if previous is not None and previous is not state:
             logger.info("worker %s is now %s (was %s)", address, state.value, previous.value)
 
+    async def _forget(self, address: str, watch: _Watch, down_for: float) -> None:
+        if self._watches.get(address) is watch:
+            del self._watches[address]
+        async with self._changed:
+            self._registry.deregister(address)
+            self._changed.notify_all()
+        logger.warning(
+            "worker %s unreachable for %.0f s: dropped from the registry (it re-registers when "
+            "it is back)",
+            address,
+            down_for,
+        )
+
     async def _run(self, address: str, watch: _Watch) -> None:
+        loop = asyncio.get_running_loop()
         backoff = self._min_backoff
+        down_since: float | None = None
         while True:
             watch.retry_now.clear()
             try:
@@ -108,6 +128,7 @@ class HealthWatcher:
                         state = _STATES.get(response.status, WorkerState.NOT_SERVING)
                         await self._set_state(address, state)
                         backoff = self._min_backoff
+                        down_since = None
                 problem = "the server ended it"
             except grpc.aio.AioRpcError as error:
                 problem = f"{error.code().name} {error.details()}"
@@ -120,6 +141,10 @@ class HealthWatcher:
                 problem,
             )
             await self._set_state(address, WorkerState.UNREACHABLE)
+            down_since = loop.time() if down_since is None else down_since
+            if self._forget_after and loop.time() - down_since >= self._forget_after:
+                await self._forget(address, watch, loop.time() - down_since)
+                return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(watch.retry_now.wait(), backoff)
             backoff = min(backoff * 2, self._max_backoff)

@@ -49,7 +49,9 @@ class Controller:
         """Build and start the controller; it reports SERVING once it listens."""
         registry = WorkerRegistry()
         watcher = HealthWatcher(
-            registry, channel_factory=functools.partial(open_channel, security=config.security)
+            registry,
+            channel_factory=functools.partial(open_channel, security=config.security),
+            forget_after=config.forget_after,
         )
         servicer = ControllerServicer(
             registry,

@@ -3,6 +3,7 @@ streams, and recovery when the controller restarts."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -14,8 +15,9 @@ import grpc
 import pytest
 
 from chatfleet.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from services.cli.launcher import free_port
 from services.common.grpc_server import insecure_channel
-from services.controller.config import ControllerConfig
+from services.controller.config import ControllerConfig, add_arguments
 from services.controller.main import Controller
 from services.controller.registry import WorkerState
 from services.worker.main import Worker
@@ -199,3 +201,37 @@ async def test_worker_registers_again_with_a_restarted_controller(
         assert [m.name for m in record.models] == ["fake-chat", "fake-embed"]
     finally:
         await restarted.stop(grace=0)
+
+
+async def test_worker_unreachable_past_forget_after_is_dropped_until_it_registers_again() -> None:
+    controller = await Controller.start(ControllerConfig(port=0, forget_after=0.5))
+    try:
+        address = f"127.0.0.1:{free_port()}"  # nothing listens there: UNREACHABLE at once
+        chat = common_pb2.ModelInfo(name="m", kind=common_pb2.MODEL_KIND_GENERATE)
+        async with insecure_channel(controller.address) as channel:
+            stub = controller_pb2_grpc.ControllerServiceStub(channel)
+            await stub.RegisterWorker(
+                controller_pb2.RegisterWorkerRequest(address=address, models=[chat])
+            )
+            assert address in controller.registry
+            state = await controller.watcher.wait_for_state(address, {None}, WAIT_S)
+            assert state is None
+            assert address not in controller.registry
+            assert await select_error(stub, "m") == grpc.StatusCode.NOT_FOUND
+            # Back again: registering brings it back under watch like any new worker.
+            await stub.RegisterWorker(
+                controller_pb2.RegisterWorkerRequest(address=address, models=[chat])
+            )
+            assert address in controller.registry
+    finally:
+        await controller.stop(grace=0)
+
+
+def test_forget_after_flag_and_validation() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, {"CHATFLEET_CONTROLLER_FORGET_AFTER": "60"})
+    assert ControllerConfig.from_namespace(parser.parse_args([])).forget_after == 60.0
+    ns = parser.parse_args(["--forget-after", "0"])
+    assert ControllerConfig.from_namespace(ns).forget_after == 0.0
+    with pytest.raises(ValueError, match="--forget-after"):
+        ControllerConfig(forget_after=-1)
