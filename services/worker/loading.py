@@ -8,9 +8,13 @@ EngineOptions without paying seconds of import time.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,15 +157,14 @@ class LoadPlan:
     def load(self, threads: int | None = None, quantization: str = "none") -> LoadedModel:
         """Load tokenizer and weights (seconds to minutes): call it off the event loop."""
         import torch
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModel, AutoModelForCausalLM
 
         torch.set_num_threads(threads or default_threads())
         started = time.monotonic()
         # Progress for `chatfleet up`, which shows these lines (and transformers' progress bars)
         # as a status line per model: a GGUF tokenizer alone takes seconds to convert.
         logger.info("loading %s from %s", self.names[0], self.source.display)
-        kwargs = self.source.kwargs()
-        tokenizer = AutoTokenizer.from_pretrained(self.source.directory, **kwargs)
+        tokenizer = _load_tokenizer(self.source)
         logger.info("loading %s: tokenizer ready, reading the weights", self.names[0])
         auto_class = AutoModelForCausalLM if self.kind is ModelKind.CAUSAL_LM else AutoModel
         model = _from_pretrained(auto_class, self.source, self.device, self.dtype)
@@ -355,6 +358,47 @@ def derive_name(source: ModelSource) -> str:
     if source.gguf_file:
         return _QUANT_SUFFIX.sub("", Path(source.gguf_file).stem) or source.gguf_file
     return source.directory.name
+
+
+def tokenizer_cache_root() -> Path:
+    """Where converted GGUF tokenizers are kept: $CHATFLEET_CACHE_DIR, else the XDG cache."""
+    root = os.environ.get("CHATFLEET_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chatfleet"
+    )
+    return Path(root) / "gguf-tokenizers"
+
+
+def _load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The model's tokenizer. Converting a GGUF file's vocabulary takes seconds at every start, so
+    the converted tokenizer is saved once (keyed by the file and the transformers version) and read
+    back from there; a cache that can't be read or written only costs the conversion."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    if not source.gguf_file:
+        return AutoTokenizer.from_pretrained(source.directory)
+    gguf = source.directory / source.gguf_file
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    cached = tokenizer_cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except Exception as error:  # whatever a damaged copy raises: convert again instead
+            logger.warning("replacing the unreadable cached tokenizer in %s: %s", cached, error)
+            shutil.rmtree(cached, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging-"))
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(cached)  # atomic: readers never see a half-written folder
+        except OSError:  # another process saved it first, or a stale copy is there
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        logger.warning("could not cache the converted tokenizer in %s: %s", cached.parent, error)
+    return tokenizer
 
 
 def _from_pretrained(
