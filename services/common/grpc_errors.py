@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,6 +18,7 @@ from services.common.errors import (
     OverloadedError,
     UnavailableError,
 )
+from services.common.grpc_handlers import wrap_handler
 
 logger = logging.getLogger(__name__)
 
@@ -106,19 +106,4 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            # Streaming handlers either yield (async generators) or `await context.write()` and
-            # return (coroutines, like the stock health Watch); each needs its own wrapper.
-            stream = handler.unary_stream
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(stream) if inspect.isasyncgenfunction(stream) else _wrap_unary(stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return wrap_handler(handler, _wrap_unary, _wrap_stream)

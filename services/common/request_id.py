@@ -9,7 +9,6 @@ record itself (`logger.info(..., extra={"request_id": ...})`), which the filter 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,6 +17,8 @@ from contextvars import ContextVar
 from typing import Any
 
 import grpc
+
+from services.common.grpc_handlers import wrap_handler
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
 # Ids taken from clients are kept only when short and made of characters that are safe in a log
@@ -105,19 +106,8 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         request_id = request_id_from_metadata(handler_call_details.invocation_metadata)
         if handler is None or request_id is None:
             return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _bind_unary(handler.unary_unary, request_id),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream = handler.unary_stream
-            return grpc.unary_stream_rpc_method_handler(
-                _bind_stream(stream, request_id)
-                if inspect.isasyncgenfunction(stream)
-                else _bind_unary(stream, request_id),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # no client-streaming RPCs carry request ids
+        return wrap_handler(
+            handler,
+            lambda behavior: _bind_unary(behavior, request_id),
+            lambda behavior: _bind_stream(behavior, request_id),
+        )
