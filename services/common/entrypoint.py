@@ -25,6 +25,10 @@ class ServiceConfig(Protocol):
 C = TypeVar("C", bound=ServiceConfig)
 
 
+class ServiceFailedError(Exception):
+    """A running service lost something it cannot serve without; it stopped and exits 1."""
+
+
 def run_service(
     argv: list[str] | None,
     *,
@@ -35,7 +39,8 @@ def run_service(
     serve: Callable[[C], Coroutine[Any, Any, None]],
 ) -> int:
     """Run `chatfleet NAME` until it stops: 0 on a clean stop, 1 when it cannot start (a port in
-    use, missing weights...), 2 with a usage message for bad flags."""
+    use, missing weights...) or had to stop (ServiceFailedError), 2 with a usage message for bad
+    flags."""
     parser = argparse.ArgumentParser(prog=f"chatfleet {name}", description=description)
     add_arguments(parser, os.environ)
     ns = parser.parse_args(argv)
@@ -50,5 +55,8 @@ def run_service(
         pass
     except (OSError, ValueError) as error:
         logger.error("%s cannot start: %s", name, error)
+        return 1
+    except ServiceFailedError as error:
+        logger.error("%s stopped: %s", name, error)
         return 1
     return 0

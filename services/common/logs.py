@@ -41,7 +41,8 @@ class _JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Configure the root logger for a chatfleet process."""
+    """Configure the root logger for a chatfleet process (again in each child it spawns, from
+    `logging_settings()`)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
@@ -54,3 +55,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # Access logs of every HTTP request are noise at INFO.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+def logging_settings() -> tuple[str, str]:
+    """(level, format) of this process's logging, for a child process to log the same way."""
+    root = logging.getLogger()
+    fmt = "json" if any(isinstance(h.formatter, _JsonFormatter) for h in root.handlers) else "text"
+    return logging.getLevelName(root.level), fmt

@@ -46,6 +46,11 @@ class WorkerConfig:
     kv_cache_tokens: int = EngineOptions.kv_cache_tokens
     packed: bool = EngineOptions.packed
     quantization: str = EngineOptions.quantization
+    # Run the models in a child process of their own (with every core for torch), so the gRPC
+    # server never takes the engine's GIL or time slices; False keeps them in this process.
+    engine_process: bool = True
+    # Engine processes per model, each with its share of the cores and of the batch; None: auto.
+    engine_replicas: int | None = None
     # The sampling seed of every request that brings none (FastChat's --seed).
     seed: int | None = None
     # FastChat's --num-gpus and --max-gpu-memory: a model runs on one device, so several GPUs are
@@ -84,6 +89,12 @@ class WorkerConfig:
             raise ValueError(f"--max-queue must not be negative, got {self.max_waiting}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.engine_replicas is not None and self.engine_replicas < 1:
+            raise ValueError(
+                f"--engine-replicas must be 0 (auto) or more, got {self.engine_replicas}"
+            )
+        if self.engine_replicas is not None and not self.engine_process:
+            raise ValueError("--engine-replicas needs the engine process (not --no-engine-process)")
         if self.max_batch_tokens < self.max_running:
             raise ValueError(
                 f"--max-batch-tokens ({self.max_batch_tokens}) must be at least "
@@ -163,6 +174,8 @@ class WorkerConfig:
             kv_cache_tokens=ns.kv_cache_tokens,
             packed=ns.packed,
             quantization=ns.quantization,
+            engine_process=ns.engine_process,
+            engine_replicas=ns.engine_replicas or None,
             seed=ns.seed,
             num_gpus=ns.num_gpus,
             max_gpu_memory=ns.max_gpu_memory,
@@ -311,7 +324,9 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         "--threads",
         default=None,
         type=int,
-        help="torch intra-op threads (default: usable cores minus one, at least one)",
+        help="torch intra-op threads of each engine process (default: the usable cores shared "
+        "by the engine processes; usable cores minus one with --no-engine-process); giving it "
+        "makes --engine-replicas auto choose one process",
     )
     flags.add(
         "--max-batch-tokens",
@@ -369,6 +384,21 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         help="sampling seed of every request that gives none (the same prompt and settings then "
         "give the same answer)",
         env="CHATFLEET_WORKER_SEED",
+    )
+    flags.add_bool(
+        "--engine-process",
+        default=True,
+        help="run the models in a child process with every core for torch, apart from the gRPC "
+        "server; --no-engine-process runs them in the worker's own process",
+    )
+    flags.add(
+        "--engine-replicas",
+        default=0,
+        type=int,
+        help="engine processes per worker, each loading every model and taking its share of the "
+        "cores, batch size, queue and KV cache; requests go to the least busy (0: auto, one "
+        "per usable core on a CPU while the copies of the weights take under a quarter of the "
+        "memory, else one)",
     )
     flags.add_bool(
         "--packed",

@@ -6,6 +6,7 @@ The servicer converts protobuf to these types; engines know nothing of gRPC.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -145,6 +146,12 @@ class Engine(abc.ABC):
     async def drain(self) -> None:  # noqa: B027 - optional hook with a do-nothing default
         """Refuse new work (UnavailableError) and return once admitted work has finished.
         Callers bound it with a grace period, then call stop()."""
+
+    async def failure(self) -> str:
+        """Returns, with the reason, once the engine can no longer serve (its process died).
+        The default never returns: an engine in the worker's own process fails with it."""
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
 
     @abc.abstractmethod
     def load(self) -> LoadInfo: ...

@@ -200,11 +200,16 @@ class LoadPlan:
         )
 
 
-def default_threads() -> int:
-    """All usable cores but one, at least one."""
-    import os
+def usable_cores() -> int:
+    """The cores this process may run on (all of them where affinity is unknown: macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+def default_threads() -> int:
+    """All usable cores but one, at least one: for an engine inside the gRPC process."""
+    return max(1, usable_cores() - 1)
 
 
 def create_engine(spec: ModelSpec, options: EngineOptions) -> Engine:

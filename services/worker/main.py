@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatfleet.v1 import worker_pb2, worker_pb2_grpc
-from services.common.entrypoint import run_service
+from services.common.entrypoint import ServiceFailedError, run_service
 from services.common.grpc_server import GrpcServer, create_server
 from services.common.metrics_server import MetricsServer, start_metrics_server
 from services.common.signals import stop_event
 from services.worker import convert
 from services.worker.config import WorkerConfig, add_arguments
 from services.worker.engine import Engine
+from services.worker.engine_process import create_process_engines
 from services.worker.loading import create_engine
 from services.worker.metrics import worker_metrics_registry
 from services.worker.registration import ControllerLink
@@ -54,8 +55,7 @@ class Worker:
     ) -> Worker:
         """Listen, load the engines (built from the config unless given), go SERVING, register."""
         if engines is None:
-            options = config.engine_options()
-            engines = [create_engine(spec, options) for spec in config.models]
+            engines = create_engines(config)
         models = ModelRegistry(engines)
         servicer = WorkerServicer(models, seed=config.seed)
         server = create_server(config.host, config.port, [SERVICE_NAME], security=config.security)
@@ -131,6 +131,14 @@ class Worker:
         logger.info("worker stopped")
 
 
+def create_engines(config: WorkerConfig) -> list[Engine]:
+    """The configured models' engines: in a child process unless --no-engine-process."""
+    options = config.engine_options()
+    if config.engine_process:
+        return list(create_process_engines(config.models, options, config.engine_replicas))
+    return [create_engine(spec, options) for spec in config.models]
+
+
 async def serve(
     config: WorkerConfig,
     *,
@@ -145,15 +153,30 @@ async def serve(
             worker = await _start_unless_stopped(config, engines, stopping)
             if worker is None:
                 return
+            failed = asyncio.ensure_future(_first_failure(worker.models.engines))
             try:
                 if ready is not None:
                     ready.set()
-                await stopping
+                await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)
+                if failed.done():
+                    raise ServiceFailedError(f"a model can no longer serve: {failed.result()}")
                 logger.info("shutting down")
             finally:
+                failed.cancel()
                 await worker.stop()
         finally:
             stopping.cancel()
+
+
+async def _first_failure(engines: Sequence[Engine]) -> str:
+    """Why the first engine to fail failed; never returns while they all serve."""
+    watches = [asyncio.ensure_future(engine.failure()) for engine in engines]
+    try:
+        done, _ = await asyncio.wait(watches, return_when=asyncio.FIRST_COMPLETED)
+        return done.pop().result()
+    finally:
+        for watch in watches:
+            watch.cancel()
 
 
 async def _start_unless_stopped(

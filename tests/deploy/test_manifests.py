@@ -203,9 +203,10 @@ def test_worker_models_come_from_the_model_volume() -> None:
 
 def test_worker_threads_fit_its_cpu_limit() -> None:
     (container,) = _deployment("worker")["spec"]["template"]["spec"]["containers"]
-    threads = _parser("worker").parse_args(container["args"][1:]).threads
-    assert threads is not None, "without --threads torch sizes its pool from the node's cores"
-    assert threads < int(container["resources"]["limits"]["cpu"])
+    args = _parser("worker").parse_args(container["args"][1:])
+    assert args.threads, "without --threads torch sizes its pool from the node's cores"
+    assert args.engine_replicas, "without --engine-replicas auto counts the node's cores"
+    assert args.threads * args.engine_replicas < int(container["resources"]["limits"]["cpu"])
 
 
 def test_gateway_autoscaler_targets_the_gateway() -> None:

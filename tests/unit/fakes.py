@@ -82,6 +82,7 @@ class FakeEngine(Engine):
         self.release = asyncio.Event()
         self.held = asyncio.Event()  # set when a stream reaches hold_after
         self.stream_closed = asyncio.Event()
+        self.broken = asyncio.Event()  # set it to make failure() return (the engine died)
         self.requests: list[GenerationRequest] = []
         self.running = 0
         self.started = False
@@ -99,6 +100,10 @@ class FakeEngine(Engine):
 
     async def stop(self) -> None:
         self.stopped = True
+
+    async def failure(self) -> str:
+        await self.broken.wait()
+        return "the fake engine broke"
 
     def load(self) -> LoadInfo:
         return LoadInfo(running=self.running, waiting=0, capacity=self.capacity)

@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from chatfleet.v1 import controller_pb2, controller_pb2_grpc
+from services.common.entrypoint import ServiceFailedError
 from services.common.grpc_server import insecure_channel
 from services.controller.config import ControllerConfig
 from services.controller.main import Controller
@@ -28,6 +29,17 @@ async def test_serve_sets_ready_and_stops_gracefully_on_sigterm() -> None:
     assert engine.started
     os.kill(os.getpid(), signal.SIGTERM)  # handled by serve(): a graceful stop, not an exit
     await asyncio.wait_for(serving, WAIT_S)
+    assert engine.stopped
+
+
+async def test_a_failed_engine_stops_the_worker_with_an_error() -> None:
+    engine = FakeEngine()
+    ready = asyncio.Event()
+    serving = asyncio.create_task(worker_main.serve(worker_config(), ready=ready, engines=[engine]))
+    await asyncio.wait_for(ready.wait(), WAIT_S)
+    engine.broken.set()  # its engine process died, say
+    with pytest.raises(ServiceFailedError, match="the fake engine broke"):
+        await asyncio.wait_for(serving, WAIT_S)
     assert engine.stopped
 
 
