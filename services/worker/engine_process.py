@@ -87,6 +87,7 @@ class EngineProcess:
         self._send_lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
         self._ids = itertools.count(1)
+        self._settle_waiters: list[asyncio.Future[None]] = []
         self._stats: list[EngineStats | None] = [None] * len(self._specs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: asyncio.Future[str] | None = None
@@ -189,6 +190,21 @@ class EngineProcess:
     def active_generations(self, engine: int) -> int:
         return sum(1 for c in self._calls.values() if c.engine == engine and c.queue is not None)
 
+    async def settled(self, engine: int) -> None:
+        """Return once no generation of `engine` is in flight: each has sent its last chunk,
+        or the child has confirmed its cancellation (or the child is gone)."""
+        assert self._loop is not None
+        while self.active_generations(engine):
+            waiter = self._loop.create_future()
+            self._settle_waiters.append(waiter)
+            await waiter
+
+    def _generation_ended(self) -> None:
+        waiters, self._settle_waiters = self._settle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _submit(self, call_id: int, call: _Call, op: str, payload: Any) -> None:
         if self._failure is not None and self._failure.done():
             raise UnavailableError(f"the engine process has failed: {self._failure.result()}")
@@ -239,6 +255,7 @@ class EngineProcess:
                 call.queue.put_nowait((kind, payload))
                 if kind != _CHUNK:
                     del self._calls[call_id]
+                    self._generation_ended()
                 continue
             del self._calls[call_id]
             assert call.future is not None
@@ -262,6 +279,7 @@ class EngineProcess:
                 call.queue.put_nowait((_ERROR, error))
             elif call.future is not None and not call.future.done():
                 call.future.set_exception(error)
+        self._generation_ended()
         self._exiting = True
         if self._failure is not None and not self._failure.done() and self._open_engines > 0:
             self._failure.set_result(why)
@@ -307,6 +325,9 @@ class ProcessEngine(Engine):
     async def drain(self) -> None:
         if self._started:
             await asyncio.gather(*(p.call("drain", self._index) for p in self._processes))
+            # The children are idle; wait for their last chunks and cancellation confirmations,
+            # so that the load reads 0 and stop() cuts off nothing in transit.
+            await asyncio.gather(*(p.settled(self._index) for p in self._processes))
 
     async def stop(self) -> None:
         if self._released:

@@ -148,10 +148,10 @@ async def test_replicas_answer_as_the_engine_does_in_process(
         assert chat.load().running == 2
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
-        # A round trip through each child: it has handled the cancellations before answering.
-        for _ in chat._processes:
-            await chat.tokenize("hello")
+        # Draining returns once every child has confirmed the cancellations.
+        await chat.drain()
         assert chat.load().running == 0
+        assert chat.stats().running == 0
     finally:
         await chat.stop()
         await embed.stop()
