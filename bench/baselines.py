@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.worker.loading import ModelKind, resolve_quantization
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -52,11 +54,12 @@ def measure_baselines(
     transformers.logging.set_verbosity_error()  # generate's notes on unused sampling flags
     transformers.logging.disable_progress_bar()  # loading bars would flood the report
     model, tokenizer = _load(Path(model_path))
-    if quantization != "none":  # "auto" is int8 on a CPU, as in the worker
+    # Resolved as the worker resolves it ("auto": int8 only on a CPU with int8 instructions).
+    quantization = resolve_quantization(quantization, model.device, ModelKind.CAUSAL_LM)
+    if quantization == "int8":
         from services.worker.quantization import quantize_int8
 
         quantize_int8(model)
-        quantization = "int8"
     encoded = [list(tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
     batch_prompts = [prompts[i % len(prompts)] for i in range(batch_size)]
     with torch.inference_mode():

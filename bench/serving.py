@@ -155,7 +155,17 @@ def machine_info() -> dict[str, Any]:
     import torch
     import transformers
 
+    from services.worker.quantization import INT8_DOT_FEATURES
+
+    features = torch.cpu.get_capabilities()
     return {
+        "cpu": features.get("cpu_name"),
+        # What the figures hinge on: the SIMD width for float32, int8 dot products for int8.
+        "cpu_features": sorted(
+            name
+            for name in ("avx2", "avx512_f", "avx512_bf16", "amx_tile", *INT8_DOT_FEATURES)
+            if features.get(name)
+        ),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),

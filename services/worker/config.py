@@ -346,7 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         default=defaults.quantization,
         choices=QUANTIZATIONS,
         help="int8: int8 weights and per-token int8 activations in linear layers (CPU only; "
-        "batch-invariant); auto: int8 for generative models on the CPU, none elsewhere",
+        "batch-invariant; a speed-up only on CPUs with VNNI or AMX int8 instructions); auto: "
+        "int8 for generative models on such a CPU, none elsewhere",
     )
     parser.add_argument(
         "--load-8bit",

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,8 @@ class EngineOptions:
     packed: bool = True
     # int8: int8 weights and per-token int8 activations in every linear layer (CPU only): a
     # quarter of the weight bytes per step, which is what bounds decoding on a CPU.
-    # auto: int8 for generative models on the CPU, none elsewhere. The default is none: int8
+    # auto: int8 for generative models on a CPU with int8 dot-product instructions (VNNI, AMX),
+    # none elsewhere (without them int8 is slower: quantization.py). The default is none: int8
     # rounding amplifies the last-bit differences between batched and lone attention, so greedy
     # output is no longer token-for-token that of model.generate alone (measured on SmolLM2).
     quantization: str = "none"
@@ -169,9 +171,7 @@ class LoadPlan:
         auto_class = AutoModelForCausalLM if self.kind is ModelKind.CAUSAL_LM else AutoModel
         model = _from_pretrained(auto_class, self.source, self.device, self.dtype)
         model.eval()
-        if quantization == "auto":
-            on_cpu = self.device.type == "cpu" and self.kind is ModelKind.CAUSAL_LM
-            quantization = "int8" if on_cpu else "none"
+        quantization = resolve_quantization(quantization, self.device, self.kind)
         if quantization == "int8":
             model = _quantize_int8(model, self.device)
         config = model.config
@@ -421,6 +421,37 @@ def _from_pretrained(
     if device.type == "cpu":
         model.to(device)
     return model
+
+
+def resolve_quantization(
+    requested: str,
+    device: torch.device,
+    kind: ModelKind,
+    cpu_features: Mapping[str, object] | None = None,
+) -> str:
+    """auto -> int8 for generative models on a CPU with int8 dot-product instructions, else
+    none. An explicit int8 is kept, with a warning where it runs slower than full precision."""
+    from services.worker.quantization import INT8_DOT_FEATURES, int8_matmul_is_fast
+
+    if requested == "none" or device.type != "cpu":
+        return "none" if requested == "auto" else requested
+    fast = int8_matmul_is_fast(cpu_features)
+    if requested == "auto":
+        if kind is not ModelKind.CAUSAL_LM:
+            return "none"
+        if not fast:
+            logger.info(
+                "quantization auto: none, this CPU has none of %s (int8 would be slower)",
+                ", ".join(INT8_DOT_FEATURES),
+            )
+        return "int8" if fast else "none"
+    if requested == "int8" and not fast:
+        logger.warning(
+            "--quantization int8 on a CPU without int8 dot-product instructions (%s): int8 "
+            "products take a generic path here, slower than full precision",
+            ", ".join(INT8_DOT_FEATURES),
+        )
+    return requested
 
 
 def _quantize_int8(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:

@@ -25,6 +25,7 @@ from services.worker.loading import (
     model_kind,
     resolve_device,
     resolve_dtype,
+    resolve_quantization,
     resolve_source,
 )
 
@@ -80,6 +81,42 @@ def test_dtypes() -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("mps")) == torch.float16
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+# torch.cpu.get_capabilities() of two CPUs: an AVX2-only AMD EPYC and a CPU with AVX-512 VNNI.
+AVX2_ONLY = {"architecture": "x86_64", "avx2": True, "avx512_vnni": False, "avx_vnni": False}
+WITH_VNNI = {"architecture": "x86_64", "avx2": True, "avx512_vnni": True}
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "kind", "features", "expected"),
+    [
+        # auto: int8 only for generative models on a CPU that multiplies int8 in hardware
+        ("auto", "cpu", ModelKind.CAUSAL_LM, WITH_VNNI, "int8"),
+        ("auto", "cpu", ModelKind.CAUSAL_LM, {"avx_vnni": True}, "int8"),
+        ("auto", "cpu", ModelKind.CAUSAL_LM, {"amx_int8": True}, "int8"),
+        ("auto", "cpu", ModelKind.CAUSAL_LM, AVX2_ONLY, "none"),
+        ("auto", "cpu", ModelKind.ENCODER, WITH_VNNI, "none"),
+        ("auto", "cuda", ModelKind.CAUSAL_LM, WITH_VNNI, "none"),
+        # an explicit choice is kept
+        ("int8", "cpu", ModelKind.CAUSAL_LM, AVX2_ONLY, "int8"),
+        ("none", "cpu", ModelKind.CAUSAL_LM, WITH_VNNI, "none"),
+    ],
+)
+def test_quantization_follows_the_cpu(
+    requested: str, device: str, kind: ModelKind, features: dict[str, object], expected: str
+) -> None:
+    assert resolve_quantization(requested, torch.device(device), kind, features) == expected
+
+
+def test_explicit_int8_warns_where_it_is_slow(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="services.worker.loading"):
+        resolve_quantization("int8", torch.device("cpu"), ModelKind.CAUSAL_LM, AVX2_ONLY)
+    assert "without int8 dot-product instructions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="services.worker.loading"):
+        resolve_quantization("int8", torch.device("cpu"), ModelKind.CAUSAL_LM, WITH_VNNI)
+    assert caplog.text == ""
 
 
 def test_kind_and_context_length(tmp_path: Path) -> None:
