@@ -6,17 +6,22 @@ the last exchange, `!!regen` asks for the last reply again, `!!save FILE` / `!!l
 read the conversation as JSON (an OpenAI request's `messages`; FastChat's saved files load too).
 With --multiline, as in FastChat's simple chat, a message ends with Ctrl-D on an empty line.
 
-The loop is synchronous on purpose: `input()` owns the terminal, and Ctrl-C during a reply only
-stops that reply (closing the stream cancels generation on the server).
+The loop is synchronous on purpose: `input()` owns the terminal. Each reply streams in an event
+loop of its own, whose SIGINT handler cancels it: Ctrl-C during a reply stops only that reply
+(closing the stream cancels generation on the server). A KeyboardInterrupt would not do: a Ctrl-C
+that lands just before a blocking socket read is only noticed when the read returns, which a
+stalled reply never does; the loop's handler writes to a wakeup fd that its selector watches.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import signal
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,9 +140,12 @@ class GatewayClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._has_key = bool(api_key)
         # A long reply may take minutes; a gateway that does not even accept the connection is down.
-        self._http = httpx.Client(
-            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0)
-        )
+        self._options: dict[str, Any] = {
+            "base_url": self.url,
+            "headers": headers,
+            "timeout": httpx.Timeout(timeout, connect=10.0),
+        }
+        self._http = httpx.Client(**self._options)
 
     def close(self) -> None:
         self._http.close()
@@ -148,30 +156,18 @@ class GatewayClient:
         self._raise_for_status(response.status_code, response.content)
         return [str(model["id"]) for model in response.json().get("data", [])]
 
-    def stream_chat(self, body: dict[str, Any]) -> Generator[str | int, None, None]:
-        """Yield the reply's text pieces, then its completion token count (an int) if sent."""
-        with (
-            _transport_errors(self.url),
-            self._http.stream("POST", "/v1/chat/completions", json=body) as response,
-        ):
-            if response.status_code != 200:
-                self._raise_for_status(response.status_code, response.read())
-            for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    return
-                chunk = json.loads(data)
-                if "error" in chunk:  # the stream failed after it started
-                    raise GatewayError(_error_message(chunk))
-                for choice in chunk.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        yield content
-                usage = chunk.get("usage")
-                if usage and usage.get("completion_tokens") is not None:
-                    yield int(usage["completion_tokens"])
+    async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[str | int]:
+        """Yield the reply's text pieces, then its completion token count (an int) if sent. An
+        async client of its own: the caller runs each reply in an event loop of its own."""
+        with _transport_errors(self.url):
+            async with (
+                httpx.AsyncClient(**self._options) as http,
+                http.stream("POST", "/v1/chat/completions", json=body) as response,
+            ):
+                if response.status_code != 200:
+                    self._raise_for_status(response.status_code, await response.aread())
+                async for item in _stream_items(response):
+                    yield item
 
     def _raise_for_status(self, status: int, body: bytes) -> None:
         if status == 200:
@@ -189,6 +185,26 @@ class GatewayClient:
             )
             raise GatewayError(f"{hint} ({message})")
         raise GatewayError(f"{message} (HTTP {status})")
+
+
+async def _stream_items(response: httpx.Response) -> AsyncIterator[str | int]:
+    """The text pieces of an OpenAI chat stream, then its completion token count if sent."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:  # the stream failed after it started
+            raise GatewayError(_error_message(chunk))
+        for choice in chunk.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                yield content
+        usage = chunk.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            yield int(usage["completion_tokens"])
 
 
 @contextlib.contextmanager
@@ -226,16 +242,14 @@ class PlainOutput:
     def show_message(self, role: str, text: str) -> None:
         print(f"{role}: {text}", flush=True)
 
-    def stream(self, pieces: Iterator[str]) -> str:
+    @contextlib.contextmanager
+    def reply(self) -> Iterator[Callable[[str], None]]:
+        """Show a reply as it streams: the context gives the function that adds a piece."""
         print(f"{ASSISTANT}: ", end="", flush=True)
-        text: list[str] = []
         try:
-            for piece in pieces:
-                text.append(piece)
-                print(piece, end="", flush=True)
+            yield lambda piece: print(piece, end="", flush=True)
         finally:
             print(flush=True)
-        return "".join(text)
 
 
 class RichOutput:
@@ -254,19 +268,26 @@ class RichOutput:
         self.console.print(f"[bold]{role}:[/bold]")
         self.console.print(Markdown(_markdown_lines(text)))
 
-    def stream(self, pieces: Iterator[str]) -> str:
+    @contextlib.contextmanager
+    def reply(self) -> Iterator[Callable[[str], None]]:
+        """Show a reply as it streams: the context gives the function that adds a piece."""
         self.console.print(f"[bold]{ASSISTANT}:[/bold]")
         text = ""
         parsed_at = 0.0
         with Live(console=self.console, refresh_per_second=8, vertical_overflow="visible") as live:
-            for piece in pieces:
+
+            def add(piece: str) -> None:
+                nonlocal text, parsed_at
                 text += piece
                 # Parse the Markdown once per refresh, not per token (which is quadratic).
                 if time.monotonic() - parsed_at >= 0.1:
                     live.update(Markdown(_markdown_lines(text)))
                     parsed_at = time.monotonic()
-            live.update(Markdown(_markdown_lines(text)))
-        return text
+
+            try:
+                yield add
+            finally:
+                live.update(Markdown(_markdown_lines(text)))
 
 
 Output = PlainOutput | RichOutput
@@ -284,6 +305,23 @@ def _markdown_lines(text: str) -> str:
         else:
             lines.append(line if in_code else line + "  ")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _sigint_cancels(task: asyncio.Task[Any]) -> Iterator[None]:
+    """While in the context, Ctrl-C cancels `task` (through the loop's wakeup fd, so it is never
+    lost, whatever the task is blocked on)."""
+    loop = task.get_loop()
+    try:
+        loop.add_signal_handler(signal.SIGINT, task.cancel)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+        installed = False
+    try:
+        yield
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 def read_message(multiline: bool) -> str:
@@ -432,26 +470,29 @@ class ChatSession:
         timing: dict[str, float] = {}
         tokens: list[int] = []
         received: list[str] = []
-        chunks = self.client.stream_chat(body)
 
-        def pieces() -> Iterator[str]:
-            for item in chunks:
-                if isinstance(item, int):
-                    tokens.append(item)
-                    continue
-                timing.setdefault("first", time.monotonic() - started)
-                received.append(item)
-                yield item
+        async def receive() -> bool:
+            """Stream the reply; True when Ctrl-C stopped it. Cancelling the task closes the
+            stream, which drops the HTTP connection: the gateway then cancels generation."""
+            task = asyncio.current_task()
+            assert task is not None
+            with _sigint_cancels(task), self.out.reply() as show:
+                try:
+                    async for item in self.client.stream_chat(body):
+                        if isinstance(item, int):
+                            tokens.append(item)
+                            continue
+                        timing.setdefault("first", time.monotonic() - started)
+                        received.append(item)
+                        show(item)
+                except asyncio.CancelledError:
+                    return True
+            return False
 
-        interrupted = False
         try:
-            self.out.stream(pieces())
-        except KeyboardInterrupt:
+            interrupted = asyncio.run(receive())
+        except KeyboardInterrupt:  # where the loop cannot take SIGINT (not the main thread)
             interrupted = True
-        finally:
-            # Closing the stream early (Ctrl-C) drops the HTTP connection, and the gateway
-            # cancels generation when its client goes away.
-            chunks.close()
         return Reply(
             text="".join(received),
             completion_tokens=tokens[-1] if tokens else None,
