@@ -433,19 +433,18 @@ def resolve_quantization(
     none. An explicit int8 is kept, with a warning where it runs slower than full precision."""
     from services.worker.quantization import INT8_DOT_FEATURES, int8_matmul_is_fast
 
-    if requested == "none" or device.type != "cpu":
-        return "none" if requested == "auto" else requested
-    fast = int8_matmul_is_fast(cpu_features)
+    on_cpu = device.type == "cpu"
     if requested == "auto":
-        if kind is not ModelKind.CAUSAL_LM:
+        if not on_cpu or kind is not ModelKind.CAUSAL_LM:
             return "none"
-        if not fast:
-            logger.info(
-                "quantization auto: none, this CPU has none of %s (int8 would be slower)",
-                ", ".join(INT8_DOT_FEATURES),
-            )
-        return "int8" if fast else "none"
-    if requested == "int8" and not fast:
+        if int8_matmul_is_fast(cpu_features):
+            return "int8"
+        logger.info(
+            "quantization auto: none, this CPU has none of %s (int8 would be slower)",
+            ", ".join(INT8_DOT_FEATURES),
+        )
+        return "none"
+    if requested == "int8" and on_cpu and not int8_matmul_is_fast(cpu_features):
         logger.warning(
             "--quantization int8 on a CPU without int8 dot-product instructions (%s): int8 "
             "products take a generic path here, slower than full precision",
