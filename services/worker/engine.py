@@ -8,18 +8,67 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made; `arguments` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True)
 class ChatMessage:
-    role: str
+    role: str  # system, user, assistant or tool
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str = ""  # a tool turn's answer to this call
+    name: str = ""
 
 
-# A prompt is text, a conversation, or token ids.
-Prompt = str | Sequence[ChatMessage] | Sequence[int]
+@dataclass(frozen=True)
+class ToolDefinition:
+    """A function the model may call; `parameters` is its arguments' JSON Schema (None: none)."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Chat messages with what the chat template renders beside them: tools and extra variables."""
+
+    messages: tuple[ChatMessage, ...]
+    tools: tuple[ToolDefinition, ...] = ()
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+# A prompt is text, a conversation (plain messages, or with tools), or token ids.
+Prompt = str | Sequence[ChatMessage] | Conversation | Sequence[int]
+
+
+class ConstraintKind(enum.Enum):
+    JSON_SCHEMA = "json_schema"  # spec: the schema as JSON text
+    JSON_OBJECT = "json_object"  # any JSON object; spec unused
+    REGEX = "regex"  # spec: the pattern
+    CHOICE = "choice"  # choices: the alternatives
+    GRAMMAR = "grammar"  # spec: Lark, or GBNF (rules written with ::=)
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """The language the output must belong to; enforced by a token mask in the sampler."""
+
+    kind: ConstraintKind
+    spec: str = ""
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,12 +105,19 @@ class GenerationRequest:
     # None: no logprobs; k >= 0: the chosen token's logprob plus k alternatives.
     logprobs: int | None = None
     echo: bool = False
+    # With echo: the echo chunk carries a logprob per prompt token (the first NaN) and `logprobs`
+    # alternatives. With echo, max_tokens 0 scores the prompt and generates nothing.
+    prompt_logprobs: bool = False
+    constraint: OutputConstraint | None = None
+    # (token id, bias added to its logit), bias in [-100, 100].
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    TOOL_CALLS = "tool_calls"  # set by the worker's output parsing, never by an engine
 
 
 @dataclass(frozen=True)
@@ -79,6 +135,16 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call: the first piece of call `index` has its id and name."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
 @dataclass
 class GenerationChunk:
     """One streamed piece. The last chunk of a request has finish_reason set."""
@@ -91,6 +157,9 @@ class GenerationChunk:
     completion_tokens: int = 0
     is_prompt_echo: bool = False
     stop_reason: str = ""
+    # Filled by the worker's output parsing (services/worker/output_parsing.py), not by engines.
+    reasoning_text: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -104,6 +173,9 @@ class ModelDescription:
     source: str = ""
     # Applied to the sampling fields a request leaves unset (the model's recommended settings).
     default_sampling: SamplingParams = field(default_factory=SamplingParams)
+    # How tool calls and reasoning are parsed from the output ("" for none): see output_parsing.
+    tool_call_parser: str = ""
+    reasoning_parser: str = ""
 
 
 @dataclass(frozen=True)

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hatfleet/v1/common.proto\x12\x0c\x63hatfleet.v1\":\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\"\xad\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.chatfleet.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x15\n\rsupports_chat\x18\x04 \x01(\x08\x12\x1b\n\x13supports_embeddings\x18\x05 \x01(\x08\x12\x0f\n\x07\x61liases\x18\x06 \x03(\t\x12\x0e\n\x06source\x18\x07 \x01(\t*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_KIND_GENERATE\x10\x01\x12\x14\n\x10MODEL_KIND_EMBED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hatfleet/v1/common.proto\x12\x0c\x63hatfleet.v1\":\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\"\xe1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.chatfleet.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x15\n\rsupports_chat\x18\x04 \x01(\x08\x12\x1b\n\x13supports_embeddings\x18\x05 \x01(\x08\x12\x0f\n\x07\x61liases\x18\x06 \x03(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x18\n\x10tool_call_parser\x18\x08 \x01(\t\x12\x18\n\x10reasoning_parser\x18\t \x01(\t*V\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_KIND_GENERATE\x10\x01\x12\x14\n\x10MODEL_KIND_EMBED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatfleet.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELKIND']._serialized_start=279
-  _globals['_MODELKIND']._serialized_end=365
+  _globals['_MODELKIND']._serialized_start=331
+  _globals['_MODELKIND']._serialized_end=417
   _globals['_LOAD']._serialized_start=43
   _globals['_LOAD']._serialized_end=101
   _globals['_MODELINFO']._serialized_start=104
-  _globals['_MODELINFO']._serialized_end=277
+  _globals['_MODELINFO']._serialized_end=329
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ class Load(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "context_length", "supports_chat", "supports_embeddings", "aliases", "source")
+    __slots__ = ("name", "kind", "context_length", "supports_chat", "supports_embeddings", "aliases", "source", "tool_call_parser", "reasoning_parser")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class ModelInfo(_message.Message):
     SUPPORTS_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_PARSER_FIELD_NUMBER: _ClassVar[int]
+    REASONING_PARSER_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     context_length: int
@@ -42,4 +44,6 @@ class ModelInfo(_message.Message):
     supports_embeddings: bool
     aliases: _containers.RepeatedScalarFieldContainer[str]
     source: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., context_length: _Optional[int] = ..., supports_chat: _Optional[bool] = ..., supports_embeddings: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
+    tool_call_parser: str
+    reasoning_parser: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., context_length: _Optional[int] = ..., supports_chat: _Optional[bool] = ..., supports_embeddings: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., tool_call_parser: _Optional[str] = ..., reasoning_parser: _Optional[str] = ...) -> None: ...
