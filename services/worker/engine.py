@@ -50,8 +50,10 @@ class Conversation:
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
-# A prompt is text, a conversation (plain messages, or with tools), or token ids.
-Prompt = str | Sequence[ChatMessage] | Conversation | Sequence[int]
+# A chat prompt: plain messages, or a conversation with tools and template variables.
+ChatPrompt = Sequence[ChatMessage] | Conversation
+# A prompt is text, a chat prompt, or token ids.
+Prompt = str | ChatPrompt | Sequence[int]
 
 
 class ConstraintKind(enum.Enum):
@@ -160,6 +162,9 @@ class GenerationChunk:
     # Filled by the worker's output parsing (services/worker/output_parsing.py), not by engines.
     reasoning_text: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    # Set by engines on a request's first chunk when the rendered prompt leaves a reasoning block
+    # open (prompts.EncodedPrompt.reasoning_open): the output then starts inside it.
+    reasoning_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,10 @@ class EngineStats:
     prompt_tokens: int = 0  # prompt tokens prefilled (recomputations after preemption excluded)
     generation_tokens: int = 0  # tokens sampled
     preemptions: int = 0  # sequences sent back to the queue because the KV cache was full
+    # Seconds the engine spent filling and applying structured-output token masks, and in steps
+    # overall (forward, masks, sampling): their ratio is the masks' share of the step.
+    structured_mask_seconds: float = 0.0
+    step_seconds: float = 0.0
 
 
 class Engine(abc.ABC):
@@ -239,7 +248,7 @@ class Engine(abc.ABC):
         cancels the request and frees its slot at the next step."""
 
     @abc.abstractmethod
-    async def tokenize(self, prompt: str | Sequence[ChatMessage]) -> list[int]: ...
+    async def tokenize(self, prompt: str | ChatPrompt) -> list[int]: ...
 
     @abc.abstractmethod
     async def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:

@@ -41,7 +41,7 @@ from services.common.errors import UnavailableError
 from services.common.logs import configure_logging, logging_settings
 from services.common.request_id import bound_request_id, current_request_id
 from services.worker.engine import (
-    ChatMessage,
+    ChatPrompt,
     Engine,
     EngineStats,
     GenerationChunk,
@@ -375,12 +375,14 @@ class ProcessEngine(Engine):
             prompt_tokens=sum(r.prompt_tokens for r in known),
             generation_tokens=sum(r.generation_tokens for r in known),
             preemptions=sum(r.preemptions for r in known),
+            structured_mask_seconds=sum(r.structured_mask_seconds for r in known),
+            step_seconds=sum(r.step_seconds for r in known),
         )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         return self._pick().stream(self._index, request)
 
-    async def tokenize(self, prompt: str | Sequence[ChatMessage]) -> list[int]:
+    async def tokenize(self, prompt: str | ChatPrompt) -> list[int]:
         result: list[int] = await self._pick().call("tokenize", self._index, prompt)
         return result
 

@@ -15,7 +15,9 @@ import concurrent.futures
 import dataclasses
 import enum
 import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from collections.abc import Sequence as SequenceOf
@@ -29,6 +31,13 @@ from services.common.errors import (
     OverloadedError,
     UnavailableError,
 )
+from services.worker.constraints import (
+    WARM_UP_CONSTRAINT,
+    ConstraintCompiler,
+    ConstraintError,
+    SequenceConstraint,
+    TokenMasker,
+)
 from services.worker.detokenizer import (
     IncrementalDetokenizer,
     byte_fallback_ids,
@@ -36,7 +45,8 @@ from services.worker.detokenizer import (
 )
 from services.worker.embedding import embed_token_ids, tokenize_for_embedding, validate_inputs
 from services.worker.engine import (
-    ChatMessage,
+    ChatPrompt,
+    Conversation,
     Engine,
     EngineStats,
     FinishReason,
@@ -50,7 +60,12 @@ from services.worker.engine import (
     TopLogprob,
 )
 from services.worker.loading import EngineOptions, LoadedModel, LoadPlan, ModelKind
-from services.worker.prompts import EncodedPrompt, encode_prompt, validate_messages
+from services.worker.prompts import (
+    EncodedPrompt,
+    encode_prompt,
+    output_parsers,
+    validate_messages,
+)
 from services.worker.runner import (
     CAPACITY_QUANTUM,
     ForwardItem,
@@ -63,6 +78,7 @@ from services.worker.sampling import (
     RowLogprobs,
     SamplingState,
     sample,
+    validate_logit_bias,
     validate_sampling,
 )
 from services.worker.stopping import StopStringMatcher
@@ -98,6 +114,22 @@ class SequenceState:
     # Tokens whose text is still held back (incomplete character or possible stop string).
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_text: str = ""
+    # Echo with prompt logprobs: the engine thread sends the echo chunk once every prompt token
+    # is scored, then clears this.
+    echo_pending: bool = False
+    top_prompt_logprobs: int = 0  # alternatives per prompt token
+    # One per prompt token scored so far (the first is NaN: nothing precedes it). Kept across a
+    # preemption, so recomputing the prompt never scores or sends it again.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # The prompt leaves a reasoning block open: said on the first chunk, for output parsing.
+    reasoning_open: bool = False
+    sent_any: bool = False
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Whether the forward must return every prompt position's logits."""
+        return self.echo_pending and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def length(self) -> int:
@@ -129,6 +161,13 @@ class SequenceState:
             text=text, token_ids=self.pending_ids, logprobs=self.pending_logprobs
         )
         self.pending_ids, self.pending_logprobs = [], []
+        return self.stamp(chunk)
+
+    def stamp(self, chunk: GenerationChunk) -> GenerationChunk:
+        """Mark the request's first chunk with what the output parser must know up front."""
+        if not self.sent_any:
+            self.sent_any = True
+            chunk.reasoning_open = self.reasoning_open
         return chunk
 
 
@@ -139,6 +178,7 @@ class _Counters:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     preemptions: int = 0
+    step_seconds: float = 0.0  # engine steps (forward, masks, sampling), wall time
 
 
 class EngineState(enum.Enum):
@@ -347,6 +387,11 @@ class HFEngine(Engine):
         self._encoder: Callable[..., Any] | None = None
         self._runner: ModelRunner | None = None
         self._counters = _Counters()
+        # Structured output: built with the model (causal LMs only); the masker is the engine
+        # thread's, its time counted for metrics.
+        self._constraints: ConstraintCompiler | None = None
+        self._masker: TokenMasker | None = None
+        self._mask_seconds_at_start = 0.0
 
     # -- Engine interface -------------------------------------------------------------------
 
@@ -354,6 +399,10 @@ class HFEngine(Engine):
     def description(self) -> ModelDescription:
         causal = self._plan.kind is ModelKind.CAUSAL_LM
         context = self._loaded.context_length if self._loaded else self._plan.context_length
+        # The output parsers follow the chat template (known once loaded).
+        tool_call_parser, reasoning_parser = (
+            output_parsers(self._loaded.tokenizer) if self._loaded and causal else ("", "")
+        )
         return ModelDescription(
             name=self._plan.names[0],
             aliases=self._plan.names[1:],
@@ -367,6 +416,8 @@ class HFEngine(Engine):
                 if self._loaded
                 else self._plan.default_sampling or SamplingParams()
             ),
+            tool_call_parser=tool_call_parser,
+            reasoning_parser=reasoning_parser,
         )
 
     async def start(self) -> None:
@@ -384,6 +435,8 @@ class HFEngine(Engine):
             await asyncio.wrap_future(ready)
             await self._warm_up()
             self._counters = _Counters()  # metrics count requests, not the warm-up
+            if self._masker is not None:
+                self._mask_seconds_at_start = self._masker.seconds
         except BaseException:
             await self.stop()
             raise
@@ -422,6 +475,7 @@ class HFEngine(Engine):
         if runner is not None and runner.max_cache_tokens > 0:
             usage = runner.cache_tokens_used() / runner.max_cache_tokens
         counters = self._counters
+        masker = self._masker
         return EngineStats(
             running=load.running,
             waiting=load.waiting,
@@ -429,12 +483,21 @@ class HFEngine(Engine):
             prompt_tokens=counters.prompt_tokens,
             generation_tokens=counters.generation_tokens,
             preemptions=counters.preemptions,
+            structured_mask_seconds=(
+                masker.seconds - self._mask_seconds_at_start if masker is not None else 0.0
+            ),
+            step_seconds=counters.step_seconds,
         )
+
+    @property
+    def constraint_compiler(self) -> ConstraintCompiler | None:
+        """The engine's grammar compiler and its cache (None before load or for embeddings)."""
+        return self._constraints
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         return self._generate(request)
 
-    async def tokenize(self, prompt: str | SequenceOf[ChatMessage]) -> list[int]:
+    async def tokenize(self, prompt: str | ChatPrompt) -> list[int]:
         loaded = self._require_loaded()
         if isinstance(prompt, str):
             return await self._on_tokenizer(
@@ -445,7 +508,7 @@ class HFEngine(Engine):
                 f"{self._plan.names[0]} is an embedding model without a chat template",
                 param="messages",
             )
-        validate_messages(prompt)
+        validate_messages(prompt.messages if isinstance(prompt, Conversation) else prompt)
         encoded = await self._on_tokenizer(
             lambda: encode_prompt(loaded.tokenizer, prompt, loaded.vocab_size)
         )
@@ -471,7 +534,22 @@ class HFEngine(Engine):
         encoded = await self._on_tokenizer(
             lambda: encode_prompt(loaded.tokenizer, request.prompt, loaded.vocab_size)
         )
-        seq = self._new_sequence(request, encoded, loaded, asyncio.get_running_loop())
+        constraint = None
+        if request.constraint is not None:
+            compiler = self._constraints
+            spec = request.constraint
+            assert compiler is not None  # built with every causal LM
+            # Compiled here, off the engine thread: a bad schema is refused before admission.
+            constraint = await self._on_tokenizer(lambda: compiler.compile(spec))
+        seq = self._new_sequence(
+            request, encoded, loaded, asyncio.get_running_loop(), constraint=constraint
+        )
+        echo_now = request.echo and not seq.echo_pending
+        if echo_now and seq.max_tokens == 0:
+            # Score-only without prompt logprobs: nothing for the model to do.
+            yield self._echo_chunk(seq)
+            yield seq.final_chunk("", FinishReason.LENGTH)
+            return
         self._scheduler.submit(seq, internal=internal)
         logger.debug(
             "queued %s: %d prompt tokens, up to %d new",
@@ -480,14 +558,8 @@ class HFEngine(Engine):
             seq.max_tokens,
         )
         try:
-            if request.echo:
-                # Prompt logprobs are not computed: the echo chunk carries text and ids only.
-                yield GenerationChunk(
-                    text=encoded.text,
-                    token_ids=list(encoded.token_ids),
-                    is_prompt_echo=True,
-                    prompt_tokens=len(encoded.token_ids),
-                )
+            if echo_now:
+                yield self._echo_chunk(seq)
             while True:
                 item = await seq.queue.get()
                 if isinstance(item, BaseException):
@@ -505,6 +577,8 @@ class HFEngine(Engine):
         encoded: EncodedPrompt,
         loaded: LoadedModel,
         loop: asyncio.AbstractEventLoop | None,
+        *,
+        constraint: SequenceConstraint | None = None,
     ) -> SequenceState:
         stopping = request.stopping
         n_prompt, context = len(encoded.token_ids), loaded.context_length
@@ -546,6 +620,8 @@ class HFEngine(Engine):
                 top_logprobs=request.logprobs,
                 suppress_ids=stop_ids,
                 min_tokens=stopping.min_tokens,
+                logit_bias=request.logit_bias,
+                constraint=constraint,
             ),
             detokenizer=IncrementalDetokenizer(
                 self._decode_text, encoded.token_ids, self._byte_tokens
@@ -553,6 +629,23 @@ class HFEngine(Engine):
             matcher=StopStringMatcher(stopping.stop),
             loop=loop,
             queue=asyncio.Queue(),
+            prompt_text=encoded.text,
+            # Prompt logprobs ride on the echo chunk: without echo there is nothing to carry them.
+            echo_pending=request.echo and request.prompt_logprobs,
+            top_prompt_logprobs=request.logprobs or 0,
+            reasoning_open=encoded.reasoning_open,
+        )
+
+    @staticmethod
+    def _echo_chunk(seq: SequenceState) -> GenerationChunk:
+        return seq.stamp(
+            GenerationChunk(
+                text=seq.prompt_text,
+                token_ids=list(seq.prompt_ids),
+                logprobs=list(seq.prompt_logprobs),
+                is_prompt_echo=True,
+                prompt_tokens=len(seq.prompt_ids),
+            )
         )
 
     async def _embed(
@@ -583,6 +676,13 @@ class HFEngine(Engine):
                 stopping=StoppingParams(max_tokens=2, ignore_eos=True),
             )
             async for _ in self._generate(request, internal=True):
+                pass
+            # The first mask of a grammar with JSON strings builds llguidance's lexer for this
+            # tokenizer (up to seconds): paid here, not by the first structured request.
+            constrained = dataclasses.replace(
+                request, request_id="warm-up-constrained", constraint=WARM_UP_CONSTRAINT
+            )
+            async for _ in self._generate(constrained, internal=True):
                 pass
         else:
             await self._embed(["Hello"], internal=True)
@@ -644,6 +744,9 @@ class HFEngine(Engine):
                 return base(**inputs, use_cache=False)
 
             self._encoder = encoder
+            width = _logits_width(loaded.model, loaded.vocab_size)
+            self._constraints = ConstraintCompiler.for_hf_tokenizer(loaded.tokenizer, width)
+            self._masker = TokenMasker(self._constraints.vocab_size)
         else:
             self._encoder = loaded.model
         self._loaded = loaded
@@ -658,6 +761,7 @@ class HFEngine(Engine):
                 job.run()
             if not work.running:
                 continue
+            started = time.perf_counter()
             try:
                 self._step(work.running)
             except Exception as exc:  # the engine thread must survive; the step's requests fail
@@ -672,6 +776,7 @@ class HFEngine(Engine):
                     if runner is not None:
                         runner.release(seq)
                 self._deliver((seq, exc) for seq in work.running)
+            self._counters.step_seconds += time.perf_counter() - started
         seqs, jobs = self._scheduler.take_all()
         for job in jobs:
             if job.future.set_running_or_notify_cancel():
@@ -706,30 +811,50 @@ class HFEngine(Engine):
         joining = [seq for seq in running if seq.computed < seq.length - 1]
         items: list[ForwardItem] = []
         for seq in decoding:
-            items.append(ForwardItem(seq, seq.pending_tokens(1), seq.computed, True))
+            tokens = seq.pending_tokens(1)
+            items.append(ForwardItem(seq, tokens, seq.computed, True, seq.scoring_prompt))
         budget -= len(decoding)
         for seq in joining:
             if budget <= 0:
                 break
             tokens = seq.pending_tokens(budget)
             done = seq.computed + len(tokens) == seq.length
-            items.append(ForwardItem(seq, tokens, seq.computed, done))
+            items.append(ForwardItem(seq, tokens, seq.computed, done, seq.scoring_prompt))
             budget -= len(tokens)
         logits = runner.forward(items)
         batch: list[SequenceState] = []
+        rows: list[int] = []
+        deliveries: list[tuple[SequenceState, QueueItem]] = []
+        cursor = 0
         for item in items:
             fed = item.key
             assert isinstance(fed, SequenceState)
+            n_rows = item.logit_rows
+            if item.all_logits:
+                self._score_prompt(fed, item, logits[cursor : cursor + n_rows])
+                if not fed.scoring_prompt:
+                    fed.echo_pending = False
+                    deliveries.append((fed, self._echo_chunk(fed)))
             fed.computed += len(item.token_ids)
             if item.want_logits:
-                batch.append(fed)
+                if fed.max_tokens == 0:  # score-only: the prompt is all there is
+                    self._counters.prompt_tokens += len(fed.prompt_ids)
+                    deliveries.append((fed, fed.final_chunk("", FinishReason.LENGTH)))
+                    self._scheduler.retire(fed)
+                    runner.release(fed)
+                else:
+                    batch.append(fed)
+                    rows.append(cursor + n_rows - 1)
+            cursor += n_rows
         if not batch:
+            self._deliver(deliveries)
             return
-        out = sample(logits, [s.sampling for s in batch])
+        if len(rows) != logits.shape[0]:
+            logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+        out = sample(logits, [s.sampling for s in batch], self._masker)
         # A sequence without output samples its first token: its prompt is in the cache now.
         self._counters.prompt_tokens += sum(len(s.prompt_ids) for s in batch if not s.output_ids)
         self._counters.generation_tokens += len(batch)
-        deliveries: list[tuple[SequenceState, QueueItem]] = []
         for seq, token_id, row_logprobs in zip(batch, out.token_ids, out.logprobs, strict=True):
             chunk = self._advance(seq, token_id, row_logprobs)
             if chunk is not None:
@@ -739,22 +864,59 @@ class HFEngine(Engine):
                 runner.release(seq)
         self._deliver(deliveries)
 
+    def _score_prompt(self, seq: SequenceState, item: ForwardItem, logits: torch.Tensor) -> None:
+        """Record the prompt logprobs these rows give: the row at position p scores prompt token
+        p + 1. Positions already scored (before a preemption) are skipped."""
+        prompt = seq.prompt_ids
+        if not seq.prompt_logprobs:  # nothing precedes the first token
+            first_token = TokenLogprob(prompt[0], self._token_text(prompt[0]), math.nan)
+            seq.prompt_logprobs.append(first_token)
+        first = len(seq.prompt_logprobs) - 1 - item.start  # the row scoring the next unscored
+        last = min(len(item.token_ids), len(prompt) - 1 - item.start)  # rows past the prompt
+        if first >= last:
+            return
+        logprobs = torch.log_softmax(logits[first:last].float(), dim=-1)
+        targets = prompt[item.start + first + 1 : item.start + last + 1]
+        target_t = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
+        chosen = logprobs.gather(1, target_t.unsqueeze(1)).squeeze(1).tolist()
+        k = seq.top_prompt_logprobs
+        top_values: list[list[float]] = [[] for _ in targets]
+        top_ids: list[list[int]] = [[] for _ in targets]
+        if k > 0:
+            top = logprobs.topk(k, dim=-1)
+            top_values, top_ids = top.values.tolist(), top.indices.tolist()
+        for j, token_id in enumerate(targets):
+            row = RowLogprobs(chosen[j], top_ids[j], top_values[j])
+            seq.prompt_logprobs.append(self._token_logprob(token_id, row))
+
     def _advance(
         self, seq: SequenceState, token_id: int, logprobs: RowLogprobs | None
-    ) -> GenerationChunk | None:
+    ) -> QueueItem | None:
         """Append the sampled token, apply the stopping rules; a chunk when there is news."""
         seq.output_ids.append(token_id)
         seq.pending_ids.append(token_id)
         if logprobs is not None:
             seq.pending_logprobs.append(self._token_logprob(token_id, logprobs))
+        constraint = seq.sampling.constraint
+        if constraint is not None and constraint.error is not None:
+            seq.finished = True
+            logger.error(
+                "structured output failed for %s: %s",
+                seq.request_id,
+                constraint.error,
+                extra={"request_id": seq.request_id},
+            )
+            return ConstraintError(f"structured output failed: {constraint.error}")
         n = len(seq.output_ids)
         ends_by_token = token_id in seq.stop_ids and n >= seq.min_tokens
+        # A complete grammar ends the output as EOS would.
+        ends_by_grammar = constraint is not None and constraint.is_stopped and not ends_by_token
         ends_by_length = n >= seq.max_tokens
         if ends_by_token:
             delta = seq.detokenizer.flush()  # a stop token's own text is never returned
         else:
             delta = seq.detokenizer.step(token_id)
-            if ends_by_length:
+            if ends_by_length or ends_by_grammar:
                 delta += seq.detokenizer.flush()
         text, matched = seq.matcher.feed(delta, active=n >= seq.min_tokens)
         if matched is not None:
@@ -762,6 +924,8 @@ class HFEngine(Engine):
         if ends_by_token:
             reason = str(token_id) if token_id in seq.stop_token_ids else ""
             return seq.final_chunk(text + seq.matcher.flush(), FinishReason.STOP, reason)
+        if ends_by_grammar:
+            return seq.final_chunk(text + seq.matcher.flush(), FinishReason.STOP)
         if ends_by_length:
             return seq.final_chunk(text + seq.matcher.flush(), FinishReason.LENGTH)
         if not text:
@@ -799,9 +963,13 @@ def _validate_request_shape(request: GenerationRequest, loaded: LoadedModel) -> 
     """Checks that need no tokenization."""
     stopping = request.stopping
     if stopping.max_tokens is not None and stopping.max_tokens < 1:
-        raise InvalidRequestError(
-            f"max_tokens must be at least 1, got {stopping.max_tokens}", param="max_tokens"
-        )
+        # 0 with echo scores the prompt and generates nothing (the completions API's echo).
+        if stopping.max_tokens < 0 or not request.echo:
+            raise InvalidRequestError(
+                f"max_tokens must be at least 1, got {stopping.max_tokens}"
+                + ("" if stopping.max_tokens < 0 else " (0 is allowed only with echo)"),
+                param="max_tokens",
+            )
     if stopping.min_tokens < 0:
         raise InvalidRequestError(
             f"min_tokens must be 0 or more, got {stopping.min_tokens}", param="min_tokens"
@@ -822,6 +990,14 @@ def _validate_request_shape(request: GenerationRequest, loaded: LoadedModel) -> 
             f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {request.logprobs}",
             param="logprobs",
         )
+    validate_logit_bias(request.logit_bias, loaded.vocab_size)
+
+
+def _logits_width(model: Any, default: int) -> int:
+    """Columns of the model's logits: the LM head's outputs (may differ from the embeddings)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else default
 
 
 def _put_all(batch: list[tuple[asyncio.Queue[QueueItem], QueueItem]]) -> None:

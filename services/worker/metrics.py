@@ -38,6 +38,8 @@ class EngineCollector(Collector):
             families.prompt_tokens.add_metric(label, stats.prompt_tokens)
             families.generation_tokens.add_metric(label, stats.generation_tokens)
             families.preemptions.add_metric(label, stats.preemptions)
+            families.mask_seconds.add_metric(label, stats.structured_mask_seconds)
+            families.step_seconds.add_metric(label, stats.step_seconds)
         return families.all()
 
 
@@ -73,6 +75,16 @@ class _Families:
             "Requests sent back to the queue because the KV cache budget was full.",
             labels=_LABELS,
         )
+        self.mask_seconds = CounterMetricFamily(
+            "chatfleet:structured_output_mask_seconds",
+            "Seconds spent computing and applying structured-output (grammar) token masks.",
+            labels=_LABELS,
+        )
+        self.step_seconds = CounterMetricFamily(
+            "chatfleet:engine_step_seconds",
+            "Seconds spent in engine steps (forward, masks and sampling).",
+            labels=_LABELS,
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -82,6 +94,8 @@ class _Families:
             self.prompt_tokens,
             self.generation_tokens,
             self.preemptions,
+            self.mask_seconds,
+            self.step_seconds,
         ]
 
 

@@ -43,6 +43,16 @@ class ForwardItem:
     token_ids: Sequence[int]  # one token when decoding, a prompt chunk when prefilling
     start: int  # position of token_ids[0]; the cache already holds positions [0, start)
     want_logits: bool  # return the logits after the last token (the sequence samples next)
+    # Return the logits after EVERY token of the item (prompt logprobs); they include the last
+    # token's, so such an item yields len(token_ids) rows whatever want_logits says.
+    all_logits: bool = False
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows of forward()'s result that belong to this item."""
+        if self.all_logits:
+            return len(self.token_ids)
+        return 1 if self.want_logits else 0
 
 
 class ModelRunner(abc.ABC):
@@ -65,7 +75,7 @@ class ModelRunner(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
-        """Run one step; logits [n, V] for the items that want them, in order."""
+        """Run one step; logits [n, V]: `item.logit_rows` rows per item, in item order."""
 
 
 def packed_unsupported_reason(model: PreTrainedModel) -> str | None:
@@ -294,13 +304,21 @@ class PackedRunner(ModelRunner):
             )
             hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
-        # Logits only where a token is sampled next: the last token of each wanting item.
-        last_index: dict[Hashable, int] = {}
+        # Logits only where a token is sampled next (the last token of each wanting item) or
+        # where an item asks for all of them.
+        first_index: dict[Hashable, int] = {}
         cursor = 0
         for item in ordered:
+            first_index[item.key] = cursor
             cursor += len(item.token_ids)
-            last_index[item.key] = cursor - 1
-        wanted = [last_index[item.key] for item in items if item.want_logits]
+        wanted = [
+            index
+            for item in items
+            for index in range(
+                first_index[item.key] + len(item.token_ids) - item.logit_rows,
+                first_index[item.key] + len(item.token_ids),
+            )
+        ]
         if not wanted:
             return hidden.new_empty(0, self.model.config.vocab_size)
         picked = hidden[torch.tensor(wanted, dtype=torch.long, device=device)]
@@ -348,10 +366,10 @@ class HFRunner(ModelRunner):
                 past_key_values=cache,
                 use_cache=True,
                 cache_position=torch.arange(item.start, item.start + n, device=device),
-                **self._forward_kwargs,
+                **({} if item.all_logits else self._forward_kwargs),
             )
-            if item.want_logits:
-                rows.append(out.logits[:, -1, :].float())
+            if item.logit_rows:
+                rows.append(out.logits[0, -item.logit_rows :, :].float())
         if not rows:
             return torch.empty(0, self.model.config.vocab_size)
         return rows[0] if len(rows) == 1 else torch.cat(rows)

@@ -1,10 +1,11 @@
 """Next-token selection for a batch: one [B, V] logits tensor, per-row parameters and generators.
 
-Order, as in HF generate and vLLM: repetition/presence/frequency penalties, min_tokens suppression,
-(logprobs are read here), temperature, top-k, top-p, min-p, then one draw per row from the row's
-own torch.Generator (greedy rows take the argmax). Logprobs are therefore log_softmax of the
-penalised logits before temperature and truncation: the model's own view of each token, which
-does not change with the sampling knobs.
+Order, as in HF generate and vLLM: repetition/presence/frequency penalties, logit_bias, min_tokens
+suppression, the structured-output mask, (logprobs are read here), temperature, top-k, top-p,
+min-p, then one draw per row from the row's own torch.Generator (greedy rows take the argmax).
+Logprobs are therefore log_softmax of the penalised logits before temperature and truncation: the
+model's own view of each token, which does not change with the sampling knobs. Each step of
+processing touches only the rows that use it, so a row's result never depends on its batch.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from services.common.errors import InvalidRequestError
+from services.worker.constraints import SequenceConstraint, TokenMasker
 from services.worker.engine import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
 _NEG_INF = float("-inf")
 
 
@@ -45,6 +48,21 @@ def validate_sampling(params: SamplingParams) -> None:
     check(-2 <= p.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]", p.frequency_penalty)
 
 
+def validate_logit_bias(logit_bias: Sequence[tuple[int, float]], vocab_size: int) -> None:
+    """Token ids in the vocabulary, biases finite and within +-100 (OpenAI's range)."""
+    for token_id, bias in logit_bias:
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias token id {token_id} is out of the vocabulary (0..{vocab_size - 1})",
+                param="logit_bias",
+            )
+        if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise InvalidRequestError(
+                f"logit_bias values must be between -100 and 100, got {bias} for token {token_id}",
+                param="logit_bias",
+            )
+
+
 class SamplingState:
     """One sequence's sampling parameters and the history the penalties need, kept across steps."""
 
@@ -58,8 +76,11 @@ class SamplingState:
         top_logprobs: int | None = None,
         suppress_ids: Iterable[int] = (),
         min_tokens: int = 0,
+        logit_bias: Sequence[tuple[int, float]] = (),
+        constraint: SequenceConstraint | None = None,
     ) -> None:
         self.params = params
+        self.constraint = constraint  # the output grammar's matcher, advanced by record()
         self.greedy = params.temperature == 0.0
         self.top_logprobs = top_logprobs  # None: no logprobs; k: chosen token + k alternatives
         self.min_tokens = min_tokens
@@ -86,6 +107,15 @@ class SamplingState:
             self.prompt_mask[torch.tensor(ids, dtype=torch.long, device=device)] = True
         if uses_repetition or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
             self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        # Additive biases; a repeated id keeps its last value, as a JSON object's key would.
+        self.bias_ids: torch.Tensor | None = None
+        self.bias_values: torch.Tensor | None = None
+        if logit_bias:
+            biases = dict(logit_bias)
+            self.bias_ids = torch.tensor(list(biases), dtype=torch.long, device=device)
+            self.bias_values = torch.tensor(
+                list(biases.values()), dtype=torch.float32, device=device
+            )
 
     @property
     def has_penalties(self) -> bool:
@@ -100,6 +130,8 @@ class SamplingState:
         self.num_output += 1
         if self.output_counts is not None:
             self.output_counts[token_id] += 1
+        if self.constraint is not None:
+            self.constraint.consume(token_id)
 
 
 @dataclass(frozen=True)
@@ -115,17 +147,28 @@ class SampleOutput:
     logprobs: list[RowLogprobs | None]  # per row; None where not asked for
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingState]) -> SampleOutput:
-    """Pick one token per row of `logits` ([B, V], modified in place) and record it in `rows`."""
+def sample(
+    logits: torch.Tensor, rows: Sequence[SamplingState], masker: TokenMasker | None = None
+) -> SampleOutput:
+    """Pick one token per row of `logits` ([B, V], modified in place) and record it in `rows`.
+    `masker` applies the grammar masks of constrained rows (one is made when none is given)."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
     if logits.dtype != torch.float32:
         logits = logits.float()
     _apply_penalties(logits, rows)
     for i, row in enumerate(rows):
+        if row.bias_ids is not None:
+            assert row.bias_values is not None
+            logits[i, row.bias_ids] += row.bias_values
         if row.suppressing:
             assert row.suppress_ids is not None
             logits[i, row.suppress_ids] = _NEG_INF
+    constrained = [(i, row.constraint) for i, row in enumerate(rows) if row.constraint is not None]
+    if constrained:
+        if masker is None:
+            masker = TokenMasker(logits.shape[1])
+        masker.apply(logits, constrained)
 
     logprob_rows = [i for i, row in enumerate(rows) if row.top_logprobs is not None]
     logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None

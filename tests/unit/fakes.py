@@ -10,7 +10,8 @@ from services.common.errors import ChatfleetError, InvalidRequestError
 from services.common.grpc_server import GrpcServer, create_server
 from services.worker.config import WorkerConfig
 from services.worker.engine import (
-    ChatMessage,
+    ChatPrompt,
+    Conversation,
     Engine,
     FinishReason,
     GenerationChunk,
@@ -128,7 +129,9 @@ class FakeEngine(Engine):
             self.running -= 1
             self.stream_closed.set()
 
-    async def tokenize(self, prompt: str | Sequence[ChatMessage]) -> list[int]:
+    async def tokenize(self, prompt: str | ChatPrompt) -> list[int]:
+        if isinstance(prompt, Conversation):
+            prompt = prompt.messages
         text = prompt if isinstance(prompt, str) else " ".join(m.content for m in prompt)
         return [index + 1 for index, _ in enumerate(text.split())]
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import json
+import math
 import random
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +21,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from services.common.errors import InvalidRequestError, OverloadedError, UnavailableError
 from services.worker.engine import (
     ChatMessage,
+    ConstraintKind,
     Engine,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    OutputConstraint,
     Prompt,
     SamplingParams,
     StoppingParams,
 )
+from services.worker.hf_engine import HFEngine
 from services.worker.loading import EngineOptions, ModelSpec, create_engine
 from services.worker.quantization import quantize_int8
 
@@ -546,3 +553,185 @@ async def test_int8_quantized_engine_generates(llama_dir: Path) -> None:
 def test_unknown_quantization_is_refused() -> None:
     with pytest.raises(ValueError, match="quantization"):
         EngineOptions(quantization="int3")
+
+
+# -- structured output, logit_bias, prompt logprobs, score-only -------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+        "tag": {"enum": ["red", "green"]},
+    },
+    "required": ["n", "ok", "tag"],
+    "additionalProperties": False,
+}
+
+
+def constrained(
+    prompt: Prompt, constraint: OutputConstraint, request_id: str = "c", **stopping: object
+) -> GenerationRequest:
+    return dataclasses.replace(
+        request(prompt, request_id=request_id, **stopping), constraint=constraint
+    )
+
+
+async def test_constrained_output_parses_and_unconstrained_rows_are_untouched(
+    engine: Engine,
+) -> None:
+    rng = random.Random(7)
+    prompts = [random_prompt(rng, 5) for _ in range(4)]
+    plain = [request(p, request_id=f"p{i}", max_tokens=20) for i, p in enumerate(prompts[:2])]
+    alone = [await collect(engine, r) for r in plain]
+    regex = r"[a-c]{2,5}-\d\d"
+    choices = ("yes", "no", "maybe")
+    mixed = await asyncio.gather(
+        collect(engine, plain[0]),
+        collect(
+            engine,
+            constrained(
+                prompts[2], OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA))
+            ),
+        ),
+        collect(engine, constrained(prompts[3], OutputConstraint(ConstraintKind.REGEX, regex))),
+        collect(engine, plain[1]),
+        collect(
+            engine,
+            constrained(prompts[0], OutputConstraint(ConstraintKind.CHOICE, choices=choices)),
+        ),
+    )
+    # Batch invariance: the constrained neighbours change nothing for the plain rows.
+    assert mixed[0].token_ids == alone[0].token_ids
+    assert mixed[3].token_ids == alone[1].token_ids
+    value = json.loads(mixed[1].text)
+    assert set(value) == {"n", "ok", "tag"} and 0 <= value["n"] <= 99
+    assert isinstance(value["ok"], bool) and value["tag"] in ("red", "green")
+    assert re.fullmatch(regex, mixed[2].text)
+    assert mixed[4].text in choices
+    for result in (mixed[1], mixed[2], mixed[4]):
+        assert result.final.finish_reason is FinishReason.STOP
+    stats = engine.stats()
+    assert stats.structured_mask_seconds > 0 and stats.step_seconds > stats.structured_mask_seconds
+
+
+async def test_compiled_constraints_are_cached_and_bad_ones_refused(engine: Engine) -> None:
+    assert isinstance(engine, HFEngine)
+    compiler = engine.constraint_compiler
+    assert compiler is not None
+    schema = OutputConstraint(ConstraintKind.JSON_SCHEMA, '{"type": "boolean"}')
+    hits = compiler.stats.hits
+    first = await collect(engine, constrained([5, 6], schema))
+    second = await collect(engine, constrained([5, 6], schema))
+    assert compiler.stats.hits == hits + 1
+    assert first.text == second.text and first.text in ("true", "false")
+    bad = OutputConstraint(ConstraintKind.JSON_SCHEMA, '{"not": {"type": "string"}}')
+    with pytest.raises(InvalidRequestError) as err:
+        await collect(engine, constrained([5], bad))
+    assert err.value.param == "constraint" and "not" in err.value.message
+    with pytest.raises(InvalidRequestError) as err:
+        await collect(engine, constrained([5], OutputConstraint(ConstraintKind.JSON_SCHEMA, "{")))
+    assert err.value.param == "constraint"
+    assert engine.load().running == 0 and engine.load().waiting == 0
+
+
+async def test_logit_bias_bans_a_token(engine: Engine) -> None:
+    prompt = [5, 6, 7]
+    base = await collect(engine, request(prompt, max_tokens=12, ignore_eos=True))
+    banned = base.token_ids[0]
+    biased = dataclasses.replace(
+        request(prompt, max_tokens=12, ignore_eos=True), logit_bias=((banned, -100.0),)
+    )
+    result = await collect(engine, biased)
+    assert result.token_ids != base.token_ids
+    assert banned not in result.token_ids
+    # A strong positive bias makes a token the greedy pick.
+    favoured = dataclasses.replace(
+        request(prompt, max_tokens=3, ignore_eos=True), logit_bias=((42, 100.0),)
+    )
+    assert (await collect(engine, favoured)).token_ids == [42, 42, 42]
+
+
+@pytest.mark.parametrize(
+    ("bias", "param"),
+    [(((10_000, 1.0),), "logit_bias"), (((5, 101.0),), "logit_bias"),
+     (((5, float("nan")),), "logit_bias")],
+)  # fmt: skip
+async def test_logit_bias_validation(
+    engine: Engine, bias: tuple[tuple[int, float], ...], param: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        await collect(engine, dataclasses.replace(request([5], max_tokens=2), logit_bias=bias))
+    assert err.value.param == param
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="packed"),
+        pytest.param({"max_batch_tokens": 8}, id="chunked-prefill"),
+        pytest.param({"packed": False}, id="per-sequence"),
+        # One sequence at a time: the other is preempted and recomputed, never rescored.
+        pytest.param({"kv_cache_tokens": 256}, id="preemption"),
+    ],
+)
+async def test_prompt_logprobs_match_a_plain_forward(
+    llama_dir: Path,
+    hf_model: AutoModelForCausalLM,
+    options: dict[str, object],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="services.worker.hf_engine")
+    rng = random.Random(3)
+    prompts = [random_prompt(rng, 21), random_prompt(rng, 9)]
+    engine = await started(llama_dir, max_running=2, **options)  # type: ignore[arg-type]
+    try:
+        results = await asyncio.gather(
+            *(
+                collect(
+                    engine,
+                    dataclasses.replace(
+                        request(p, request_id=f"r{i}", max_tokens=30, echo=True, logprobs=2),
+                        prompt_logprobs=True,
+                    ),
+                )
+                for i, p in enumerate(prompts)
+            )
+        )
+    finally:
+        await engine.stop()
+    for prompt, result in zip(prompts, results, strict=True):
+        echo = result.chunks[0]
+        assert echo.is_prompt_echo and echo.token_ids == prompt
+        assert [lp.token_id for lp in echo.logprobs] == prompt
+        assert math.isnan(echo.logprobs[0].logprob) and echo.logprobs[0].top == ()
+        with torch.inference_mode():
+            logits = hf_model(torch.tensor([prompt])).logits[0].float()
+        expected = torch.log_softmax(logits, dim=-1)
+        for position in range(1, len(prompt)):
+            lp = echo.logprobs[position]
+            row = expected[position - 1]
+            assert lp.logprob == pytest.approx(float(row[prompt[position]]), abs=1e-4)
+            assert [t.token_id for t in lp.top] == row.topk(2).indices.tolist()
+        assert not any(c.is_prompt_echo for c in result.chunks[1:])
+        assert result.final.completion_tokens == len(result.token_ids) > 0
+    if "kv_cache_tokens" in options:
+        assert any("preempted" in record.getMessage() for record in caplog.records)
+
+
+async def test_score_only_returns_the_echo_and_length(engine: Engine) -> None:
+    prompt = [5, 6, 7, 8]
+    for prompt_logprobs in (False, True):
+        req = dataclasses.replace(
+            request(prompt, max_tokens=0, echo=True), prompt_logprobs=prompt_logprobs
+        )
+        result = await collect(engine, req)
+        assert result.chunks[0].is_prompt_echo and result.chunks[0].token_ids == prompt
+        assert len(result.chunks[0].logprobs) == (len(prompt) if prompt_logprobs else 0)
+        assert result.token_ids == [] and result.text == ""
+        assert result.final.finish_reason is FinishReason.LENGTH
+        assert result.final.completion_tokens == 0 and result.final.prompt_tokens == len(prompt)
+    with pytest.raises(InvalidRequestError) as err:
+        await collect(engine, request(prompt, max_tokens=0))
+    assert err.value.param == "max_tokens"
+    assert engine.load().running == 0 and engine.load().waiting == 0

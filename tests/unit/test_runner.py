@@ -163,3 +163,26 @@ def test_runner_choice() -> None:
     windowed = LlamaForCausalLM(LlamaConfig(**SHAPE))
     windowed.config.model_type = "gpt2"  # any architecture without a packed path
     assert isinstance(create_runner(windowed, 4, 4096), HFRunner)
+
+
+@pytest.mark.parametrize("kind", ["packed", "per-sequence"])
+def test_all_logits_items_return_every_position(kind: str) -> None:
+    model = tiny("llama")
+    runner: ModelRunner = (
+        PackedRunner(model, 4, 4096) if kind == "packed" else HFRunner(model, 4, 4096)
+    )
+    rng = random.Random(5)
+    prompt = [rng.randrange(VOCAB) for _ in range(13)]
+    other = [rng.randrange(VOCAB) for _ in range(6)]
+    with torch.inference_mode():
+        expected = model(torch.tensor([prompt])).logits[0].float()
+        # The prompt in two chunks beside another sequence's prefill (last-position logits).
+        first = runner.forward(
+            [ForwardItem("a", prompt[:8], 0, False, True), ForwardItem("b", other, 0, True)]
+        )
+        second = runner.forward([ForwardItem("a", prompt[8:], 8, True, True)])
+    assert first.shape == (8 + 1, VOCAB) and second.shape == (5, VOCAB)
+    torch.testing.assert_close(first[:8], expected[:8], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second, expected[8:], atol=1e-4, rtol=1e-4)
+    assert ForwardItem("a", prompt[:8], 0, False, True).logit_rows == 8
+    assert ForwardItem("a", prompt[:8], 0, True).logit_rows == 1

@@ -9,7 +9,7 @@ import torch
 
 from services.common.errors import InvalidRequestError
 from services.worker.engine import SamplingParams
-from services.worker.sampling import SamplingState, sample, validate_sampling
+from services.worker.sampling import SamplingState, sample, validate_logit_bias, validate_sampling
 
 V = 8
 
@@ -143,3 +143,20 @@ def test_validation(params: dict[str, float], param: str) -> None:
     with pytest.raises(InvalidRequestError) as err:
         validate_sampling(SamplingParams(**params))  # type: ignore[arg-type]
     assert err.value.param == param
+
+
+def test_logit_bias_is_added_to_its_row_only() -> None:
+    biased = SamplingState(
+        SamplingParams(temperature=0.0), vocab_size=4, logit_bias=((0, -100.0), (2, 5.0))
+    )
+    plain = SamplingState(SamplingParams(temperature=0.0), vocab_size=4)
+    out = sample(logits([3.0, 1.0, 0.0, 2.0], [3.0, 1.0, 0.0, 2.0]), [biased, plain])
+    assert out.token_ids == [2, 0]
+
+
+@pytest.mark.parametrize("bias", [((4, 1.0),), ((-1, 1.0),), ((0, 100.5),), ((0, float("inf")),)])
+def test_logit_bias_validation(bias: tuple[tuple[int, float], ...]) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        validate_logit_bias(bias, vocab_size=4)
+    assert err.value.param == "logit_bias"
+    validate_logit_bias(((3, -100.0), (0, 100.0)), vocab_size=4)
