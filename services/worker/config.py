@@ -20,12 +20,15 @@ from services.common.metrics_server import add_metrics_port_flag, check_metrics_
 from services.common.security import GrpcSecurity, add_security_flags
 from services.worker.default_models import default_model_specs
 from services.worker.loading import DTYPES, QUANTIZATIONS, EngineOptions, ModelSpec
+from services.worker.output_parsing import REASONING_PARSERS, TOOL_CALL_PARSERS
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 # Environment values of the repeatable model flags hold one entry per model separated by ";"
 # (a model's names are themselves separated by commas).
 _ENV_SEPARATOR = ";"
+TOOL_CALL_PARSER_CHOICES = ("auto", *TOOL_CALL_PARSERS)
+REASONING_PARSER_CHOICES = ("auto", *REASONING_PARSERS, "none")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,10 @@ class WorkerConfig:
     log_format: str = "text"
     # Port of the Prometheus /metrics endpoint (0: a free one); None: no endpoint.
     metrics_port: int | None = None
+    # How tool calls and reasoning are parsed from every model's output; auto: detected from
+    # each model's chat template (services/worker/output_parsing.py).
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = "auto"
 
     def __post_init__(self) -> None:
         check_metrics_port(self.metrics_port)
@@ -130,6 +137,16 @@ class WorkerConfig:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.tool_call_parser not in TOOL_CALL_PARSER_CHOICES:
+            raise ValueError(
+                f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSER_CHOICES)}, "
+                f"got {self.tool_call_parser!r}"
+            )
+        if self.reasoning_parser not in REASONING_PARSER_CHOICES:
+            raise ValueError(
+                f"--reasoning-parser must be one of {', '.join(REASONING_PARSER_CHOICES)}, "
+                f"got {self.reasoning_parser!r}"
+            )
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
@@ -185,6 +202,8 @@ class WorkerConfig:
             log_level=ns.log_level.upper(),
             log_format=ns.log_format,
             metrics_port=ns.metrics_port,
+            tool_call_parser=ns.tool_call_parser,
+            reasoning_parser=ns.reasoning_parser,
         )
 
 
@@ -420,6 +439,21 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         type=float,
         help="seconds in-flight requests may take to finish on SIGTERM",
         env="CHATFLEET_WORKER_SHUTDOWN_GRACE",
+    )
+    flags.add(
+        "--tool-call-parser",
+        default=defaults.tool_call_parser,
+        choices=TOOL_CALL_PARSER_CHOICES,
+        help="how tool calls are read from the models' output: hermes (<tool_call> blocks), "
+        "llama3_json, mistral ([TOOL_CALLS]); auto: from each model's chat template, hermes "
+        "when it has no tool syntax (the worker then describes tools Hermes-style)",
+    )
+    flags.add(
+        "--reasoning-parser",
+        default=defaults.reasoning_parser,
+        choices=REASONING_PARSER_CHOICES,
+        help="how reasoning is split from the answer: think (<think> blocks), none; auto: "
+        "think for models whose chat template uses <think>",
     )
     add_security_flags(flags)
     add_logging_flags(flags, level=defaults.log_level, fmt=defaults.log_format)

@@ -56,7 +56,11 @@ class Worker:
         """Listen, load the engines (built from the config unless given), go SERVING, register."""
         if engines is None:
             engines = create_engines(config)
-        models = ModelRegistry(engines)
+        models = ModelRegistry(
+            engines,
+            tool_call_parser=config.tool_call_parser,
+            reasoning_parser=config.reasoning_parser,
+        )
         servicer = WorkerServicer(models, seed=config.seed)
         server = create_server(config.host, config.port, [SERVICE_NAME], security=config.security)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server.server)

@@ -18,6 +18,7 @@ from chatfleet.v1 import worker_pb2, worker_pb2_grpc
 from services.common.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
 from services.worker import convert
 from services.worker.engine import Engine, LoadInfo, ModelDescription
+from services.worker.output_parsing import create_output_parser
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,18 @@ logger = logging.getLogger(__name__)
 class ModelRegistry:
     """A worker's engines and the names (canonical and aliases) they answer to."""
 
-    def __init__(self, engines: Sequence[Engine]) -> None:
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        *,
+        tool_call_parser: str = "auto",
+        reasoning_parser: str = "auto",
+    ) -> None:
+        """`tool_call_parser` and `reasoning_parser` (the worker's flags) override what each
+        generative model detected from its chat template, unless "auto"."""
         self.engines = tuple(engines)
+        self._tool_call_parser = tool_call_parser
+        self._reasoning_parser = reasoning_parser
         self._by_name: dict[str, Engine] = {}
         self.started = False
 
@@ -37,7 +48,7 @@ class ModelRegistry:
             await engine.start()
         by_name: dict[str, Engine] = {}
         for engine in self.engines:
-            description = engine.description
+            description = self.description(engine)
             for name in (description.name, *description.aliases):
                 if name in by_name:
                     raise ValueError(f"two models are served as {name!r}")
@@ -64,8 +75,24 @@ class ModelRegistry:
             raise ModelNotFoundError(f"the model '{name}' does not exist", param="model")
         return engine
 
+    def description(self, engine: Engine) -> ModelDescription:
+        """The engine's description with the worker's choice of output parsers: the flags when
+        set, else the engine's detection, else hermes (the worker then prompts Hermes-style)."""
+        description = engine.description
+        if not description.supports_generate:
+            return replace(description, tool_call_parser="", reasoning_parser="")
+        tool_call_parser = description.tool_call_parser or "hermes"
+        if self._tool_call_parser != "auto":
+            tool_call_parser = self._tool_call_parser
+        reasoning_parser = description.reasoning_parser
+        if self._reasoning_parser != "auto":
+            reasoning_parser = "" if self._reasoning_parser == "none" else self._reasoning_parser
+        return replace(
+            description, tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser
+        )
+
     def descriptions(self) -> list[ModelDescription]:
-        return [engine.description for engine in self.engines]
+        return [self.description(engine) for engine in self.engines]
 
     def load(self) -> LoadInfo:
         """Running, waiting and capacity summed over the engines."""
@@ -106,24 +133,32 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         with self._call(new_work=True):
             engine = self._models.get(request.model)
-            defaults = engine.description.default_sampling
+            description = self._models.description(engine)
+            defaults = description.default_sampling
             if self._seed is not None:
                 defaults = replace(defaults, seed=self._seed)
             generation = convert.to_generation_request(request, defaults)
+            # Tool calls and reasoning are parsed here, not in the engine: the engine streams
+            # plain text, and parsing is cheap string work per chunk.
+            parser = create_output_parser(
+                description.tool_call_parser,
+                description.reasoning_parser,
+                convert.to_tool_choice(request),
+            )
             stream = engine.generate(generation)
             # Close the engine's stream whenever this one ends, also when the client goes away
             # mid-stream and gRPC closes this generator while it waits at `yield`: that is what
             # frees the request's batch slot.
             async with _closing(stream):
                 async for chunk in stream:
-                    yield convert.to_generate_response(chunk)
+                    yield convert.to_generate_response(parser.parse(chunk))
 
     async def Embed(
         self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.EmbedResponse:
         with self._call(new_work=True):
             engine = self._models.get(request.model)
-            if not engine.description.supports_embeddings:
+            if not self._models.description(engine).supports_embeddings:
                 raise InvalidRequestError(
                     f"the model '{request.model}' does not produce embeddings", param="model"
                 )
@@ -135,11 +170,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.TokenizeResponse:
         with self._call(new_work=True):
             engine = self._models.get(request.model)
-            ids = await engine.tokenize(convert.to_tokenize_prompt(request))
+            prompt = convert.to_tokenize_prompt(request)
+            ids = await engine.tokenize(prompt)
             return worker_pb2.TokenizeResponse(
                 token_ids=ids,
                 count=len(ids),
-                context_length=engine.description.context_length,
+                context_length=self._models.description(engine).context_length,
             )
 
     async def GetModelInfo(
@@ -147,7 +183,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.GetModelInfoResponse:
         with self._call(new_work=False):
             if request.model:
-                descriptions = [self._models.get(request.model).description]
+                descriptions = [self._models.description(self._models.get(request.model))]
             else:
                 descriptions = self._models.descriptions()
             return worker_pb2.GetModelInfoResponse(

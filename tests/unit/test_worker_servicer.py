@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,9 +17,12 @@ from chatfleet.v1 import worker_pb2, worker_pb2_grpc
 from services.common.errors import OverloadedError
 from services.common.grpc_errors import field_of
 from services.common.grpc_server import GrpcServer, create_server, insecure_channel
+from services.worker.engine import ConstraintKind, Conversation, GenerationChunk
 from services.worker.main import SERVICE_NAME, Worker
 from services.worker.servicer import ModelRegistry, WorkerServicer
 from tests.unit.fakes import FakeEngine, worker_config
+from tests.unit.fakes import chunk as fake_chunk
+from tests.unit.fakes import final_chunk as fake_final
 
 WAIT_S = 10.0
 
@@ -381,3 +386,144 @@ async def test_worker_stop_cancels_streams_left_after_the_grace_period(
     finally:
         await worker.stop()
     assert chat_engine.running == 0
+
+
+WEATHER_TOOL = worker_pb2.ToolDefinition(
+    name="get_weather",
+    description="The weather in a city.",
+    parameters_json='{"type": "object", "properties": {"city": {"type": "string"}}}',
+)
+
+
+def tool_request(**fields: object) -> worker_pb2.GenerateRequest:
+    return worker_pb2.GenerateRequest(
+        model="tools",
+        chat=worker_pb2.ChatMessages(
+            messages=[worker_pb2.ChatMessage(role="user", content="Weather in Paris?")],
+            tools=[WEATHER_TOOL],
+        ),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def serve(engine: FakeEngine, **registry: str) -> AsyncIterator[Running]:
+    models = ModelRegistry([engine], **registry)
+    servicer = WorkerServicer(models)
+    server = create_server("127.0.0.1", 0, [SERVICE_NAME])
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server.server)
+    await server.start()
+    await models.start()
+    try:
+        async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield Running(servicer, models, server, worker_pb2_grpc.WorkerServiceStub(channel))
+    finally:
+        await server.server.stop(None)
+
+
+HERMES_SCRIPT = (
+    fake_chunk("Checking. <tool", 1),
+    fake_chunk('_call>{"name": "get_weather", "arguments": {"city": ', 2),
+    fake_chunk('"Paris"}}</tool_call>', 3),
+    fake_final("", 4),
+)
+
+
+async def test_tool_calls_are_parsed_from_the_engine_text() -> None:
+    engine = FakeEngine("tools", script=HERMES_SCRIPT)
+    async for running in serve(engine):
+        replies = [reply async for reply in running.stub.Generate(tool_request())]
+    assert "".join(r.text for r in replies) == "Checking. "
+    deltas = [d for r in replies for d in r.tool_calls]
+    assert deltas[0].index == 0 and deltas[0].name == "get_weather"
+    assert deltas[0].id.startswith("call_") and len(deltas[0].id) == 29
+    assert json.loads("".join(d.arguments for d in deltas)) == {"city": "Paris"}
+    assert [list(r.token_ids) for r in replies] == [[1], [2], [3], [4]]
+    assert replies[-1].finish_reason == worker_pb2.FINISH_REASON_TOOL_CALLS
+    (seen,) = engine.requests
+    assert isinstance(seen.prompt, Conversation)
+    assert [t.name for t in seen.prompt.tools] == ["get_weather"]
+    assert seen.constraint is None
+
+
+async def test_a_named_tool_choice_forces_its_schema() -> None:
+    engine = FakeEngine("tools", script=(fake_chunk('{"city": "Paris"}', 1), fake_final()))
+    choice = worker_pb2.ToolChoice(mode=worker_pb2.TOOL_CHOICE_MODE_NAMED, name="get_weather")
+    async for running in serve(engine):
+        replies = [reply async for reply in running.stub.Generate(tool_request(tool_choice=choice))]
+    (seen,) = engine.requests
+    assert seen.constraint is not None and seen.constraint.kind is ConstraintKind.JSON_SCHEMA
+    assert json.loads(seen.constraint.spec) == json.loads(WEATHER_TOOL.parameters_json)
+    deltas = [d for r in replies for d in r.tool_calls]
+    assert deltas[0].name == "get_weather"
+    assert "".join(d.arguments for d in deltas) == '{"city": "Paris"}'
+    assert replies[-1].finish_reason == worker_pb2.FINISH_REASON_TOOL_CALLS
+
+
+async def test_tool_choice_none_leaves_tools_out_and_text_alone() -> None:
+    engine = FakeEngine("tools", script=HERMES_SCRIPT)
+    choice = worker_pb2.ToolChoice(mode=worker_pb2.TOOL_CHOICE_MODE_NONE)
+    async for running in serve(engine):
+        replies = [reply async for reply in running.stub.Generate(tool_request(tool_choice=choice))]
+    assert "".join(r.text for r in replies).endswith("</tool_call>")
+    assert replies[-1].finish_reason == worker_pb2.FINISH_REASON_STOP
+    assert isinstance(engine.requests[0].prompt, list)
+
+
+async def test_reasoning_is_split_when_the_prompt_opens_it() -> None:
+    script = (
+        GenerationChunk(text="thinking", token_ids=[1], reasoning_open=True),
+        fake_chunk("</think>\n\nAnswer", 2),
+        fake_final(),
+    )
+    engine = FakeEngine("tools", script=script)
+    async for running in serve(engine, reasoning_parser="think"):
+        replies = [reply async for reply in running.stub.Generate(tool_request())]
+        info = await running.stub.GetModelInfo(worker_pb2.GetModelInfoRequest(model="tools"))
+    assert "".join(r.reasoning_text for r in replies) == "thinking"
+    assert "".join(r.text for r in replies) == "Answer"
+    (model,) = info.models
+    assert (model.tool_call_parser, model.reasoning_parser) == ("hermes", "think")
+
+
+async def test_parser_flags_override_the_models_detection() -> None:
+    engine = FakeEngine("tools")
+    engine._description = dataclasses.replace(
+        engine.description, tool_call_parser="hermes", reasoning_parser="think"
+    )
+    models = ModelRegistry([engine], tool_call_parser="mistral", reasoning_parser="none")
+    (described,) = models.descriptions()
+    assert (described.tool_call_parser, described.reasoning_parser) == ("mistral", "")
+    (auto,) = ModelRegistry([engine]).descriptions()
+    assert (auto.tool_call_parser, auto.reasoning_parser) == ("hermes", "think")
+    (embedder,) = ModelRegistry([FakeEngine("e", generates=False)]).descriptions()
+    assert (embedder.tool_call_parser, embedder.reasoning_parser) == ("", "")
+
+
+async def test_bad_tool_requests_name_the_field() -> None:
+    engine = FakeEngine("tools")
+    unknown = worker_pb2.ToolChoice(mode=worker_pb2.TOOL_CHOICE_MODE_NAMED, name="nope")
+    async for running in serve(engine):
+        error = await failure(running.stub.Generate(tool_request(tool_choice=unknown)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_of(error) == "tool_choice"
+
+
+def test_parser_flags_and_their_environment_fallbacks() -> None:
+    import argparse
+
+    from services.worker.config import WorkerConfig, add_arguments
+
+    def parse(argv: list[str], environ: dict[str, str]) -> WorkerConfig:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, environ)
+        return WorkerConfig.from_namespace(parser.parse_args(["--model-path", "/m", *argv]))
+
+    default = parse([], {})
+    assert (default.tool_call_parser, default.reasoning_parser) == ("auto", "auto")
+    env = {"CHATFLEET_TOOL_CALL_PARSER": "mistral", "CHATFLEET_REASONING_PARSER": "none"}
+    from_env = parse([], env)
+    assert (from_env.tool_call_parser, from_env.reasoning_parser) == ("mistral", "none")
+    flags = parse(["--tool-call-parser", "llama3_json", "--reasoning-parser", "think"], env)
+    assert (flags.tool_call_parser, flags.reasoning_parser) == ("llama3_json", "think")
+    with pytest.raises(SystemExit):
+        parse(["--tool-call-parser", "xml"], {})
