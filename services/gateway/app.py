@@ -16,7 +16,7 @@ import hmac
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -61,6 +61,12 @@ from services.gateway.protocol import (
     HealthStatus,
     ModelCard,
     ModelList,
+)
+from services.gateway.responses import ResponsesServing
+from services.gateway.responses_protocol import (
+    RESPONSES_FIELD_NAMES,
+    ResponseObject,
+    ResponsesRequest,
 )
 from services.gateway.serving import EventStream, OpenAIServing, RequestContext, RouteTimeouts
 from services.gateway.webui import PUBLIC_PATHS as WEBUI_PUBLIC_PATHS
@@ -202,7 +208,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _parse(request: Request, model: type[M]) -> M:
+async def _parse(
+    request: Request, model: type[M], field_names: Iterable[str] = REQUEST_FIELD_NAMES
+) -> M:
+    """The body as `model`; `field_names` are the field names its error paths may hold."""
     config: GatewayConfig = request.app.state.config
     body = await _read_body(request, config.max_body_bytes)
     unreadable = unreadable_body(body)
@@ -211,7 +220,7 @@ async def _parse(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
-        raise from_validation_errors(error.errors(include_url=False), REQUEST_FIELD_NAMES) from None
+        raise from_validation_errors(error.errors(include_url=False), field_names) from None
 
 
 async def _until_disconnected(receive: Receive) -> None:
@@ -269,6 +278,12 @@ async def completions(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     body = await _parse(request, EmbeddingRequest)
     return await _respond(request, _serving(request).create_embedding(body, _context(request)))
+
+
+async def responses(request: Request) -> Response:
+    body = await _parse(request, ResponsesRequest, RESPONSES_FIELD_NAMES)
+    handler: ResponsesServing = request.app.state.responses
+    return await _respond(request, handler.create_response(body, _context(request)))
 
 
 # --- error handlers ----------------------------------------------------------------------------
@@ -371,6 +386,7 @@ _REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponsesRequest,
 )
 
 
@@ -424,7 +440,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
             max_concurrent_calls=config.max_concurrent_calls,
             metrics=app.state.metrics,
         )
-        app.state.serving = OpenAIServing(upstream, RouteTimeouts.from_config(config))
+        timeouts = RouteTimeouts.from_config(config)
+        app.state.serving = OpenAIServing(upstream, timeouts)
+        app.state.responses = ResponsesServing(upstream, timeouts)
         logger.info("gateway uses the controller at %s", config.controller_address)
         try:
             yield
@@ -459,6 +477,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         ("/v1/chat/completions", chat_completions, ChatCompletionRequest, ChatCompletionResponse),
         ("/v1/completions", completions, CompletionRequest, CompletionResponse),
         ("/v1/embeddings", embeddings, EmbeddingRequest, EmbeddingResponse),
+        ("/v1/responses", responses, ResponsesRequest, ResponseObject),
     ]
     for path, endpoint, body, answer in generation:
         app.add_api_route(

@@ -2,8 +2,10 @@
 
 Request models validate types and ranges strictly (JSON mode: "1" is not a number, "yes" is not a
 boolean). Unknown fields are logged and ignored; fields OpenAI defines that chatfleet cannot honour
-are declared here and rejected with a 400 by serving.py. Their JSON schemas are the request bodies
-of the gateway's OpenAPI document (app.py).
+are declared here and rejected with a 400 by serving.py. Fields whose checks need more than types
+(tools, response_format, structured_outputs, logit_bias) are read loosely here and checked where
+they are translated (tools.py, structured.py). Their JSON schemas are the request bodies of the
+gateway's OpenAPI document (app.py).
 """
 
 from __future__ import annotations
@@ -98,11 +100,67 @@ def _non_empty_lists(definition: dict[str, Any], *, max_items: int | None = None
                 branch["items"]["minItems"] = 1
 
 
-_NO_LOGIT_BIAS = {
+# logit_bias: token ids (as strings) to biases; keys and ranges are checked by serving.py.
+_LOGIT_BIAS = {
     "logit_bias": {
-        "anyOf": [_NULL, {"type": "object", "maxProperties": 0}],
-        "description": "Not supported: only an empty object passes.",
+        "anyOf": [
+            _NULL,
+            {
+                "type": "object",
+                "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+                "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            },
+        ],
+        "description": "Token id (a string of digits) to a bias in [-100, 100] added to its logit.",
     }
+}
+_JSON_SCHEMA_FORMAT = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "description": {"type": ["string", "null"]},
+        "schema": {"type": "object"},
+        "strict": {"type": ["boolean", "null"]},
+    },
+    "required": ["name"],
+}
+_CONSTRAINTS: dict[str, dict[str, Any]] = {
+    "response_format": {
+        "anyOf": [
+            _NULL,
+            {
+                "type": "object",
+                "properties": {"type": {"enum": ["text", "json_object"]}},
+                "required": ["type"],
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "json_schema"},
+                    "json_schema": _JSON_SCHEMA_FORMAT,
+                },
+                "required": ["type", "json_schema"],
+            },
+        ],
+        "description": "text, any JSON object, or JSON that follows a JSON Schema.",
+    },
+    "structured_outputs": {
+        "anyOf": [
+            _NULL,
+            {
+                "type": "object",
+                "properties": {
+                    "json": {"anyOf": [{"type": "object"}, {"type": "string"}, _NULL]},
+                    "regex": {"type": ["string", "null"]},
+                    "choice": {"anyOf": [{"type": "array", "items": {"type": "string"}}, _NULL]},
+                    "grammar": {"type": ["string", "null"]},
+                    "json_object": {"type": ["boolean", "null"]},
+                },
+            },
+        ],
+        "description": "vLLM's constraint of the output: exactly one of json (a JSON Schema), "
+        "regex, choice, grammar (Lark or GBNF) or json_object.",
+    },
 }
 
 
@@ -133,31 +191,29 @@ class ContentPart(OpenAIRequestModel):
     text: str | None = None
 
 
-def _chat_message_schema(schema: dict[str, Any]) -> None:
-    # Tool and function messages need tool calling; a message needs content.
-    schema["properties"]["role"]["enum"] = ["system", "developer", "user", "assistant"]
-    _without_null(schema["properties"]["content"])
-    schema["required"] = ["role", "content"]
+class FunctionCallParam(OpenAIRequestModel):
+    """A call an earlier assistant turn made: `arguments` is JSON text, passed on as it is."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallParam(OpenAIRequestModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallParam
 
 
 class ChatMessageParam(OpenAIRequestModel):
-    model_config = ConfigDict(
-        json_schema_extra=_documented(
-            {
-                "tool_calls": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
-                "function_call": _unsupported(),
-            },
-            _chat_message_schema,
-        )
-    )
+    """One turn. Content may be null for an assistant turn that calls tools; a tool turn names the
+    call it answers; role "function" (legacy) answers an assistant's legacy `function_call`."""
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    # Unsupported (no tool calling): rejected when set.
-    tool_calls: list[Any] | None = None
-    tool_call_id: Any = None
-    function_call: Any = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCallParam | None = None
 
 
 class SamplingExtras(OpenAIRequestModel):
@@ -184,8 +240,19 @@ class SamplingExtras(OpenAIRequestModel):
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
-    # Unsupported: rejected when set to anything but a neutral value.
+    # Token id (a string) -> bias; checked by serving._logit_bias.
     logit_bias: dict[str, Any] | None = None
+    # Output constraints (structured.py): OpenAI's response_format, vLLM's structured_outputs and
+    # its older guided_* fields. At most one of them.
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # Accepted for vLLM clients and ignored (one grammar backend, its own whitespace rules).
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 def _top_logprobs_needs_logprobs(schema: dict[str, Any]) -> None:
@@ -196,16 +263,49 @@ def _top_logprobs_needs_logprobs(schema: dict[str, Any]) -> None:
     schema["then"] = {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}
 
 
+# OpenAI's rule for function names (ToolDefinition.name in worker.proto).
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(OpenAIRequestModel):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    # The JSON Schema of the arguments; absent means none.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+def _tool_schema(schema: dict[str, Any]) -> None:
+    schema["properties"]["type"] = {"const": "function"}
+    _without_null(schema["properties"]["function"])
+    schema["required"] = ["type", "function"]
+
+
+class ToolParam(OpenAIRequestModel):
+    """A tool the model may call; only function tools exist here (tools.py refuses others)."""
+
+    # Other tool types carry fields of their own: the tool is refused anyway.
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_tool_schema)
+
+    type: str
+    function: FunctionDefinition | None = None
+
+
+class FunctionName(OpenAIRequestModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIRequestModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingExtras):
     model_config = ConfigDict(
         json_schema_extra=_documented(
             {
-                **_NO_LOGIT_BIAS,
-                "tools": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
-                "functions": {"anyOf": [_NULL, {"type": "array", "maxItems": 0}]},
-                "tool_choice": _unsupported("none"),
-                "function_call": _unsupported("none"),
-                "response_format": _unsupported({"type": "text"}),
+                **_LOGIT_BIAS,
+                **_CONSTRAINTS,
                 "audio": _unsupported(),
                 "modalities": _unsupported(["text"]),
                 "prediction": _unsupported(),
@@ -220,13 +320,15 @@ class ChatCompletionRequest(SamplingExtras):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Tool calling (tools.py); functions and function_call are the legacy spelling.
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+    # vLLM's extra: variables for the chat template, e.g. {"enable_thinking": false}.
+    chat_template_kwargs: dict[str, Any] | None = None
     # Unsupported: rejected when set (see serving._reject_unsupported_chat).
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -261,7 +363,8 @@ class CompletionRequest(SamplingExtras):
     model_config = ConfigDict(
         json_schema_extra=_documented(
             {
-                **_NO_LOGIT_BIAS,
+                **_LOGIT_BIAS,
+                **_CONSTRAINTS,
                 # best_of may also equal n: left as an integer.
                 "suffix": {"anyOf": [_NULL, {"type": "string", "maxLength": 0}]},
             },
@@ -270,6 +373,8 @@ class CompletionRequest(SamplingExtras):
     )
 
     prompt: CompletionPrompt
+    # 0 only with echo: the prompt is scored (its logprobs) and nothing generated.
+    max_tokens: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # Unsupported: rejected when set (see serving._reject_unsupported_completion).
@@ -353,6 +458,12 @@ def _field_names(*models: type[BaseModel]) -> frozenset[str]:
 REQUEST_FIELD_NAMES = _field_names(
     ChatCompletionRequest,
     ChatMessageParam,
+    FunctionCallParam,
+    ToolCallParam,
+    FunctionDefinition,
+    ToolParam,
+    FunctionName,
+    NamedToolChoice,
     ContentPart,
     StreamOptions,
     CompletionRequest,
@@ -417,9 +528,33 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+def _omitted_when_none(value: Any) -> bool:
+    return value is None
+
+
+# A response member left out of the JSON when it is None (and still described by the document).
+_OMITTED_WHEN_NONE: Any = Field(default=None, exclude_if=_omitted_when_none)
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
+    """The answer: content is null when the model only called tools; tool_calls and
+    reasoning_content are left out when there are none."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = _OMITTED_WHEN_NONE
+    reasoning_content: str | None = _OMITTED_WHEN_NONE
 
 
 class ChatCompletionChoice(BaseModel):
@@ -438,11 +573,27 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = _OMITTED_WHEN_NONE
+    arguments: str | None = _OMITTED_WHEN_NONE
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: id, type and name only on the call's first piece."""
+
+    index: int
+    id: str | None = _OMITTED_WHEN_NONE
+    type: Literal["function"] | None = _OMITTED_WHEN_NONE
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     """A streamed change; unset members are left out, so the last chunk's delta is `{}`."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:

@@ -1,11 +1,15 @@
 """Handlers of the OpenAI routes: check a request, translate it to gRPC, call upstream, reply.
 
 Choices: `n` (times each prompt) runs that many Generate calls concurrently, choice i with seed+i
-when a seed is given. Finish reasons: STOP -> "stop", LENGTH -> "length", CANCELLED (the worker gave
-up on the request, e.g. while draining) -> "abort" as vLLM reports it, so a cut-short answer never
-passes for a finished one. Streams are primed: the first upstream message is awaited before the
-HTTP response starts, so a request that fails up front (unknown model, overload) gets a plain HTTP
-error; an error after that is sent as an SSE `data: {"error": ...}` event then `data: [DONE]`.
+when a seed is given. Finish reasons: STOP -> "stop", LENGTH -> "length", TOOL_CALLS ->
+"tool_calls", CANCELLED (the worker gave up on the request, e.g. while draining) -> "abort" as vLLM
+reports it, so a cut-short answer never passes for a finished one. Tools and tool turns are
+translated by tools.py, output constraints (response_format, structured_outputs, guided_*) by
+structured.py.
+
+Streams are primed: the first upstream message is awaited before the HTTP response starts, so a
+request that fails up front (unknown model, overload) gets a plain HTTP error; an error after that
+is sent as an SSE `data: {"error": ...}` event then `data: [DONE]`.
 
 Deadlines (RouteTimeouts, from the gateway's flags): a non-streamed completion, a model listing and
 an embeddings request each get one budget for the whole request. A stream gets a budget for its
@@ -23,7 +27,7 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -33,6 +37,7 @@ from pydantic import BaseModel
 
 from chatfleet.v1 import worker_pb2
 from services.common.errors import ChatfleetError, InvalidRequestError, ModelNotFoundError
+from services.common.grpc_errors import field_of
 from services.gateway.clients import Deadline, DeadlineExceededError, Metadata, Upstream
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import APIError, to_api_error
@@ -44,7 +49,6 @@ from services.gateway.protocol import (
     ChatCompletionStreamChoice,
     ChatLogprobs,
     ChatMessage,
-    ChatMessageParam,
     ChatTokenLogprob,
     ChatTopLogprob,
     CompletionChoice,
@@ -54,6 +58,7 @@ from services.gateway.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DeltaToolCall,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -63,6 +68,8 @@ from services.gateway.protocol import (
     SamplingExtras,
     UsageInfo,
 )
+from services.gateway.structured import WORKER_CONSTRAINT_PARAM, Constraint, output_constraint
+from services.gateway.tools import ChatTools, ToolCallAssembler, chat_messages, chat_tools
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +82,11 @@ _FINISH_REASONS = {
     worker_pb2.FINISH_REASON_STOP: "stop",
     worker_pb2.FINISH_REASON_LENGTH: "length",
     worker_pb2.FINISH_REASON_CANCELLED: "abort",
+    worker_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
+# logit_bias values OpenAI accepts.
+MAX_LOGIT_BIAS = 100.0
+_UINT32_MAX = 2**32 - 1
 
 # Failures a handler reports to the client; anything else is a bug and becomes a 500.
 HandledError = (APIError, ChatfleetError, grpc.aio.AioRpcError)
@@ -148,17 +159,25 @@ class OpenAIServing:
     ) -> ChatCompletionResponse | EventStream:
         _reject_unsupported_chat(request)
         n = request.n or 1
+        tools = chat_tools(request)
+        constraint = output_constraint(request)
         base = worker_pb2.GenerateRequest(
             model=request.model,
-            chat=worker_pb2.ChatMessages(messages=_chat_messages(request.messages)),
+            chat=_conversation(request, tools),
             stopping=_stopping(request, request.max_completion_tokens or request.max_tokens),
         )
+        if tools.choice is not None:
+            base.tool_choice.CopyFrom(tools.choice)
+        _constrain(base, constraint, tools)
         if request.logprobs:
             base.logprobs.enabled = True
             base.logprobs.top_logprobs = request.top_logprobs or 0
         deadline = self._generation_deadline(request.stream, ctx)
+        renames = _worker_param_renames(constraint, tools)
         calls = [
-            self._generate(base, request, ctx, deadline, index=i, seed_offset=i, many=n > 1)
+            self._generate(
+                base, request, ctx, deadline, index=i, seed_offset=i, many=n > 1, renames=renames
+            )
             for i in range(n)
         ]
         merged = _merge(calls)
@@ -180,7 +199,7 @@ class OpenAIServing:
             choices=[
                 ChatCompletionChoice(
                     index=i,
-                    message=ChatMessage(content=choice.text()),
+                    message=choice.chat_message(),
                     logprobs=_chat_logprobs(choice.logprobs) if request.logprobs else None,
                     finish_reason=choice.finish_reason(),
                 )
@@ -199,6 +218,7 @@ class OpenAIServing:
         merged: AsyncGenerator[tuple[int, worker_pb2.GenerateResponse], None],
     ) -> AsyncGenerator[str, None]:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        has_tools = bool(request.tools or request.functions)
 
         def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
             return _sse(
@@ -211,16 +231,24 @@ class OpenAIServing:
         choices = [_Choice() for _ in range(n)]
         try:
             for i in range(n):
-                delta = DeltaMessage(role="assistant", content="")
+                # With tools the answer may be calls only, whose content stays null (as OpenAI's).
+                delta = DeltaMessage(role="assistant", content=None if has_tools else "")
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=delta)])
             async for index, message in _chain(first, merged):
-                choices[index].add(message)
-                if message.text or message.logprobs:
+                tool_calls = choices[index].add(message)
+                reasoning = message.reasoning_text or None
+                if message.text or message.logprobs or reasoning or tool_calls:
+                    # content "" only on a chunk that carries nothing else (logprobs alone).
+                    text = message.text or (None if reasoning or tool_calls else "")
                     yield chunk(
                         [
                             ChatCompletionStreamChoice(
                                 index=index,
-                                delta=DeltaMessage(content=message.text),
+                                delta=DeltaMessage(
+                                    content=text,
+                                    reasoning_content=reasoning,
+                                    tool_calls=tool_calls or None,
+                                ),
                                 logprobs=_chat_logprobs(message.logprobs)
                                 if request.logprobs
                                 else None,
@@ -260,7 +288,11 @@ class OpenAIServing:
         _reject_unsupported_completion(request)
         n = request.n or 1
         prompts = _completion_prompts(request.prompt)
-        max_tokens = request.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        constraint = output_constraint(request)
+        renames = _worker_param_renames(constraint, None)
+        max_tokens = (
+            DEFAULT_COMPLETION_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+        )
         deadline = self._generation_deadline(request.stream, ctx)
         calls = []
         for p, prompt in enumerate(prompts):
@@ -276,11 +308,21 @@ class OpenAIServing:
             if request.logprobs is not None:
                 base.logprobs.enabled = True
                 base.logprobs.top_logprobs = request.logprobs
+                # Scoring a prompt (lm-eval's loglikelihood): its logprobs come with the echo.
+                base.logprobs.prompt = bool(request.echo)
+            _constrain(base, constraint, None)
             many = len(prompts) * n > 1
             for j in range(n):
                 calls.append(
                     self._generate(
-                        base, request, ctx, deadline, index=p * n + j, seed_offset=j, many=many
+                        base,
+                        request,
+                        ctx,
+                        deadline,
+                        index=p * n + j,
+                        seed_offset=j,
+                        many=many,
+                        renames=renames,
                     )
                 )
         merged = _merge(calls)
@@ -417,13 +459,15 @@ class OpenAIServing:
         index: int,
         seed_offset: int,
         many: bool,
+        renames: Mapping[str, str],
     ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
         call = worker_pb2.GenerateRequest()
         call.CopyFrom(base)
         # Each call of a request needs its own id: the worker keys cancellation on it.
         call.request_id = f"{ctx.request_id}-{index}" if many else ctx.request_id
         call.sampling.CopyFrom(_sampling(request, seed_offset))
-        return self.upstream.generate(call, deadline=deadline, metadata=ctx.metadata)
+        stream = self.upstream.generate(call, deadline=deadline, metadata=ctx.metadata)
+        return _renaming_params(stream, renames) if renames else stream
 
 
 # --- request translation --------------------------------------------------------------------------
@@ -434,18 +478,6 @@ def _unsupported(param: str, what: str) -> InvalidRequestError:
 
 
 def _reject_unsupported_chat(request: ChatCompletionRequest) -> None:
-    if request.tools:
-        raise _unsupported("tools", "tool calling is not available")
-    if request.tool_choice not in (None, "none"):
-        raise _unsupported("tool_choice", "tool calling is not available")
-    if request.functions:
-        raise _unsupported("functions", "function calling is not available")
-    if request.function_call not in (None, "none"):
-        raise _unsupported("function_call", "function calling is not available")
-    if request.response_format not in (None, {"type": "text"}):
-        raise _unsupported("response_format", 'only {"type": "text"} is available')
-    if request.logit_bias:
-        raise _unsupported("logit_bias", "token biases are not available")
     if request.audio is not None:
         raise _unsupported("audio", "only text output is available")
     if request.modalities not in (None, ["text"]):
@@ -467,51 +499,80 @@ def _reject_unsupported_completion(request: CompletionRequest) -> None:
         raise _unsupported("suffix", "insertion (fill in the middle) is not available")
     if request.best_of not in (None, 1, request.n or 1):
         raise _unsupported("best_of", "best_of must be left out or equal n")
-    if request.logit_bias:
-        raise _unsupported("logit_bias", "token biases are not available")
-
-
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def _chat_messages(messages: Sequence[ChatMessageParam]) -> list[worker_pb2.ChatMessage]:
-    converted = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if message.role not in _ROLES:
-            raise _unsupported(f"{where}.role", f"{message.role!r} messages need tool calling")
-        if message.tool_calls:
-            raise _unsupported(f"{where}.tool_calls", "tool calling is not available")
-        if message.function_call is not None:
-            raise _unsupported(f"{where}.function_call", "function calling is not available")
-        converted.append(
-            worker_pb2.ChatMessage(role=_ROLES[message.role], content=_message_text(message, where))
-        )
-    return converted
-
-
-def _message_text(message: ChatMessageParam, where: str) -> str:
-    content = message.content
-    if content is None:
+    if request.max_tokens == 0 and not request.echo:
         raise InvalidRequestError(
-            f"'{where}.content' must be a string or a list of text parts.",
-            param=f"{where}.content",
+            "'max_tokens' may be 0 only with 'echo': it scores the prompt without generating.",
+            param="max_tokens",
         )
-    if isinstance(content, str):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        if part.type != "text":
+
+
+def _conversation(request: ChatCompletionRequest, tools: ChatTools) -> worker_pb2.ChatMessages:
+    chat = worker_pb2.ChatMessages(
+        messages=chat_messages(request.messages), tools=tools.definitions
+    )
+    if request.chat_template_kwargs:
+        chat.template_kwargs.update(request.chat_template_kwargs)
+    return chat
+
+
+def _constrain(
+    request: worker_pb2.GenerateRequest, constraint: Constraint | None, tools: ChatTools | None
+) -> None:
+    if constraint is None:
+        return
+    if tools is not None and tools.forced:
+        # The worker forces the call with a grammar of its own: there is room for one.
+        raise InvalidRequestError(
+            f"'{constraint.param}' cannot be combined with a forced tool call "
+            f"('{tools.choice_param}' required or naming a function).",
+            param=constraint.param,
+        )
+    request.constraint.CopyFrom(constraint.proto)
+
+
+def _worker_param_renames(constraint: Constraint | None, tools: ChatTools | None) -> dict[str, str]:
+    """The worker names the constraint it could not compile "constraint": the client knows it by
+    the field it used (or by its tools, whose schemas force a required or named call)."""
+    if constraint is not None:
+        return {WORKER_CONSTRAINT_PARAM: constraint.param}
+    if tools is not None and tools.forced:
+        return {WORKER_CONSTRAINT_PARAM: tools.definitions_param}
+    return {}
+
+
+async def _renaming_params(
+    stream: AsyncGenerator[worker_pb2.GenerateResponse, None], renames: Mapping[str, str]
+) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
+    async with aclosing(stream):
+        try:
+            async for message in stream:
+                yield message
+        except grpc.aio.AioRpcError as error:
+            param = field_of(error) if error.code() == grpc.StatusCode.INVALID_ARGUMENT else None
+            if param is None or param not in renames:
+                raise
+            raise InvalidRequestError(error.details() or "", param=renames[param]) from None
+
+
+def _logit_bias(value: Mapping[str, object] | None) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for key, amount in (value or {}).items():
+        if not (key.isascii() and key.isdigit() and int(key) <= _UINT32_MAX):
             raise InvalidRequestError(
-                f"Content parts of type {part.type!r} are not supported: only 'text' parts are.",
-                param=f"{where}.content[{j}].type",
+                f"'logit_bias' keys must be token ids (strings of digits), got {key!r}.",
+                param="logit_bias",
             )
-        if part.text is None:
+        if (
+            isinstance(amount, bool)
+            or not isinstance(amount, int | float)
+            or not -MAX_LOGIT_BIAS <= amount <= MAX_LOGIT_BIAS
+        ):
             raise InvalidRequestError(
-                "A text part needs a 'text' string.", param=f"{where}.content[{j}].text"
+                f"'logit_bias' values must be numbers in [-100, 100], got {amount!r} for {key}.",
+                param="logit_bias",
             )
-        texts.append(part.text)
-    return "\n".join(texts)
+        bias[int(key)] = float(amount)
+    return bias
 
 
 def _sampling(request: SamplingExtras, seed_offset: int) -> worker_pb2.SamplingParams:
@@ -532,6 +593,7 @@ def _sampling(request: SamplingExtras, seed_offset: int) -> worker_pb2.SamplingP
         sampling.frequency_penalty = request.frequency_penalty
     if request.seed is not None:
         sampling.seed = (request.seed + seed_offset) % 2**64
+    sampling.logit_bias.update(_logit_bias(request.logit_bias))
     return sampling
 
 
@@ -591,6 +653,8 @@ class _Choice:
 
     echo_parts: list[str] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
+    reasoning_parts: list[str] = field(default_factory=list)
+    tool_calls: ToolCallAssembler = field(default_factory=ToolCallAssembler)
     echo_logprobs: list[worker_pb2.TokenLogprob] = field(default_factory=list)
     logprobs: list[worker_pb2.TokenLogprob] = field(default_factory=list)
     finish: int = worker_pb2.FINISH_REASON_UNSPECIFIED
@@ -598,7 +662,8 @@ class _Choice:
     completion_tokens: int = 0
     text_length: int = 0
 
-    def add(self, message: worker_pb2.GenerateResponse) -> None:
+    def add(self, message: worker_pb2.GenerateResponse) -> list[DeltaToolCall]:
+        """Take in one message; returns its tool-call pieces in OpenAI's streamed shape."""
         if message.is_prompt_echo:
             self.echo_parts.append(message.text)
             self.echo_logprobs.extend(message.logprobs)
@@ -610,9 +675,21 @@ class _Choice:
             self.finish = message.finish_reason
             self.prompt_tokens = message.usage.prompt_tokens
             self.completion_tokens = message.usage.completion_tokens
+        self.reasoning_parts.append(message.reasoning_text)
+        return self.tool_calls.add(message.tool_calls)
 
     def text(self) -> str:
         return "".join(self.echo_parts) + "".join(self.parts)
+
+    def chat_message(self) -> ChatMessage:
+        """The whole answer; content is null when the model only called tools."""
+        calls = self.tool_calls.tool_calls()
+        text = self.text()
+        return ChatMessage(
+            content=text if text or calls is None else None,
+            tool_calls=calls,
+            reasoning_content="".join(self.reasoning_parts) or None,
+        )
 
     def legacy_logprobs(self) -> CompletionLogprobs:
         """The echoed prompt's logprobs (when the worker sent them) then the completion's, whose

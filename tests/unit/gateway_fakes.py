@@ -293,3 +293,48 @@ def chat_body(**fields: Any) -> dict[str, Any]:
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         **fields,
     }
+
+
+def agent_script(
+    *,
+    reasoning: str = "",
+    text: str = "",
+    calls: tuple[tuple[str, str], ...] = (),
+) -> Script:
+    """Answer as a model that thinks and calls tools: `reasoning` (one piece per word), `text`,
+    then each (name, arguments) call as ToolCallDeltas (its first piece names it, then the
+    arguments in two halves); the finish reason is TOOL_CALLS when there are calls."""
+
+    async def script(
+        request: worker_pb2.GenerateRequest,
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        produced = 0
+        for word in reasoning.split(" ") if reasoning else ():
+            produced += 1
+            yield worker_pb2.GenerateResponse(reasoning_text=word + " ")
+        if text:
+            produced += 1
+            yield worker_pb2.GenerateResponse(text=text)
+        for index, (name, arguments) in enumerate(calls):
+            half = len(arguments) // 2
+            produced += 2
+            yield worker_pb2.GenerateResponse(
+                tool_calls=[
+                    worker_pb2.ToolCallDelta(
+                        index=index, id=f"call_{index}", name=name, arguments=arguments[:half]
+                    )
+                ]
+            )
+            yield worker_pb2.GenerateResponse(
+                tool_calls=[worker_pb2.ToolCallDelta(index=index, arguments=arguments[half:])]
+            )
+        final = worker_pb2.GenerateResponse(
+            finish_reason=worker_pb2.FINISH_REASON_TOOL_CALLS
+            if calls
+            else worker_pb2.FINISH_REASON_STOP
+        )
+        final.usage.prompt_tokens = len(prompt_words(request))
+        final.usage.completion_tokens = produced
+        yield final
+
+    return script

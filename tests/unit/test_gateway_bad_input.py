@@ -219,6 +219,21 @@ def test_openapi_describes_request_bodies_and_errors() -> None:
     assert refs and all(ref.removeprefix("#/components/schemas/") in components for ref in refs)
 
 
+def test_openapi_documents_the_agent_fields() -> None:
+    components = create_app(GatewayConfig()).openapi()["components"]["schemas"]
+    chat = components["ChatCompletionRequest"]["properties"]
+    completion = components["CompletionRequest"]["properties"]
+    for name in ("tools", "tool_choice", "response_format", "logit_bias", "structured_outputs"):
+        assert "Not supported" not in str(chat[name]), name
+    for name in ("response_format", "structured_outputs", "guided_json", "logit_bias"):
+        assert name in completion, name
+    assert components["ToolParam"]["required"] == ["type", "function"]
+    roles = components["ChatMessageParam"]["properties"]["role"]["enum"]
+    assert {"tool", "function"} <= set(roles)
+    answer = components["ChatMessage"]["properties"]
+    assert {"tool_calls", "reasoning_content"} <= set(answer)
+
+
 def _refs(node: Any) -> set[str]:
     if isinstance(node, dict):
         own = {node["$ref"]} if isinstance(node.get("$ref"), str) else set()

@@ -125,12 +125,17 @@ async def test_unknown_model_is_404_model_not_found() -> None:
             ),
             "messages[0].content[1].type",
         ),
-        (chat_body(messages=[{"role": "tool", "content": "x"}]), "messages[0].role"),
-        (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (chat_body(messages=[{"role": "tool", "content": "x"}]), "messages[0].tool_call_id"),
+        (chat_body(tools=[{"type": "web_search"}]), "tools[0].type"),
         (chat_body(tool_choice="auto"), "tool_choice"),
-        (chat_body(functions=[{"name": "f"}]), "functions"),
-        (chat_body(response_format={"type": "json_object"}), "response_format"),
-        (chat_body(logit_bias={"50256": -100}), "logit_bias"),
+        (
+            chat_body(
+                functions=[{"name": "f"}], tools=[{"type": "function", "function": {"name": "g"}}]
+            ),
+            "functions",
+        ),
+        (chat_body(response_format={"type": "xml"}), "response_format"),
+        (chat_body(logit_bias={"a": 1}), "logit_bias"),
         (chat_body(audio={"voice": "alloy"}), "audio"),
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ],
