@@ -90,7 +90,9 @@ def _message(
     def build(draw: st.DrawFn) -> Message:
         fields: dict[str, Any] = {}
         for field in plain:
-            if field.is_repeated:
+            if _is_map(field):
+                fields[field.name] = draw(values[field.name])
+            elif field.is_repeated:
                 fields[field.name] = draw(st.lists(values[field.name], max_size=MAX_ITEMS))
             elif not field.has_presence or draw(st.booleans()):
                 fields[field.name] = draw(values[field.name])
@@ -108,6 +110,12 @@ def _field(field: FieldDescriptor, overrides: Overrides, depth: int) -> st.Searc
     if field.full_name in overrides:
         return overrides[field.full_name]
     kind = field.type
+    if _is_map(field):
+        entry = field.message_type
+        key, value = entry.fields_by_name["key"], entry.fields_by_name["value"]
+        return st.dictionaries(
+            _field(key, overrides, depth), _field(value, overrides, depth), max_size=MAX_ITEMS
+        )
     if kind == _F.TYPE_MESSAGE:
         assert field.message_type is not None
         return _message(field.message_type, overrides, depth - 1)
@@ -130,6 +138,12 @@ def _field(field: FieldDescriptor, overrides: Overrides, depth: int) -> st.Searc
     if kind == _F.TYPE_BYTES:
         return st.binary(max_size=MAX_TEXT)
     raise NotImplementedError(f"no strategy for {field.full_name} (type {kind})")
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    """A `map<K, V>` field: a repeated entry message with the map_entry option."""
+    entry = field.message_type
+    return entry is not None and entry.GetOptions().map_entry
 
 
 def _synthetic(oneof: Any) -> bool:

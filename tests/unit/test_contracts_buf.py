@@ -136,8 +136,8 @@ def _add_field(workspace: Path) -> None:
     edit(
         workspace,
         WORKER_PROTO,
-        "  bool echo = 9;\n",
-        "  bool echo = 9;\n  // A caller-chosen end-user id.\n  string user = 10;\n",
+        "  ToolChoice tool_choice = 11;\n",
+        "  ToolChoice tool_choice = 11;\n  // A caller-chosen end-user id.\n  string user = 12;\n",
     )
 
 
@@ -164,9 +164,9 @@ def _add_enum_value(workspace: Path) -> None:
     edit(
         workspace,
         WORKER_PROTO,
-        "  FINISH_REASON_CANCELLED = 3;\n",
-        "  FINISH_REASON_CANCELLED = 3;\n  // A content filter ended generation.\n"
-        "  FINISH_REASON_CONTENT_FILTER = 4;\n",
+        "  FINISH_REASON_TOOL_CALLS = 4;\n",
+        "  FINISH_REASON_TOOL_CALLS = 4;\n  // A content filter ended generation.\n"
+        "  FINISH_REASON_CONTENT_FILTER = 5;\n",
     )
 
 
