@@ -133,11 +133,19 @@ class ConstraintCompiler:
         return matcher
 
 
+# JSON on one line with fixed separators, as OpenAI's structured outputs read: free whitespace
+# lets a small model spend its whole budget on newlines inside a valid object. A schema may still
+# ask for other layout with its own "x-guidance" options.
+_JSON_LAYOUT = {"whitespace_flexible": False}
+
+
 def _grammar(constraint: OutputConstraint) -> str:
     """llguidance's grammar text for a constraint."""
     kind = constraint.kind
     if kind is ConstraintKind.JSON_OBJECT:
-        return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            '{"type": "object"}', defaults=_JSON_LAYOUT
+        )
     if kind is ConstraintKind.JSON_SCHEMA:
         try:
             json.loads(constraint.spec)
@@ -145,7 +153,7 @@ def _grammar(constraint: OutputConstraint) -> str:
             raise InvalidRequestError(
                 f"the JSON schema is not valid JSON: {exc}", param=CONSTRAINT_PARAM
             ) from exc
-        return llguidance.LLMatcher.grammar_from_json_schema(constraint.spec)
+        return llguidance.LLMatcher.grammar_from_json_schema(constraint.spec, defaults=_JSON_LAYOUT)
     if kind is ConstraintKind.REGEX:
         if not constraint.spec:
             raise InvalidRequestError("the regex constraint is empty", param=CONSTRAINT_PARAM)
