@@ -48,6 +48,7 @@ class RequestResult:
     prompt_tokens: int = 0  # from the final chunk's usage
     output_tokens: int = 0  # from the final chunk's usage
     error: str | None = None
+    text: str = ""  # the content received (kept to check structured outputs)
 
     @property
     def ok(self) -> bool:
@@ -131,3 +132,43 @@ def summarize_level(
         tpot=Distribution.of_seconds(tpots),
         e2e=Distribution.of_seconds([r.e2e for r in done]),
     )
+
+
+@dataclass(frozen=True)
+class StructuredLevel:
+    """The structured-output level: the same chat requests (prompts, max_tokens, concurrency) with
+    a JSON Schema response_format and without one, and the worker's grammar-mask time over the
+    constrained run as a fraction of its engine step time."""
+
+    concurrency: int
+    schema: dict[str, object]
+    unconstrained: LevelMetrics
+    constrained: LevelMetrics
+    valid_outputs: int  # constrained answers that parse as JSON and hold the schema's required keys
+    mask_seconds: float | None  # counter delta over the constrained run; None: not scraped
+    step_seconds: float | None
+
+    @property
+    def throughput_ratio(self) -> float | None:
+        """Constrained tok/s over unconstrained tok/s."""
+        base = self.unconstrained.output_throughput
+        return self.constrained.output_throughput / base if base > 0 else None
+
+    @property
+    def mask_fraction(self) -> float | None:
+        return mask_fraction(self.mask_seconds, self.step_seconds)
+
+
+def mask_fraction(mask_seconds: float | None, step_seconds: float | None) -> float | None:
+    """Time spent computing token masks per second of engine steps; None when either counter is
+    missing or no step ran."""
+    if mask_seconds is None or step_seconds is None or step_seconds <= 0:
+        return None
+    return mask_seconds / step_seconds
+
+
+def counter_delta(before: dict[str, float], after: dict[str, float], name: str) -> float | None:
+    """How much a counter grew between two scrapes; None when a scrape lacks it."""
+    if name not in before or name not in after:
+        return None
+    return after[name] - before[name]

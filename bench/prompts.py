@@ -101,3 +101,22 @@ def load_prompt_set(name_or_path: str) -> tuple[str, ...]:
     ):
         raise ValueError(f"prompt set {path} must be a non-empty JSON list of non-empty strings")
     return tuple(prompts)
+
+
+# The structured-output level: each question asks for the object the schema describes, so the
+# unconstrained twin (same messages, no response_format) writes answers of a similar kind.
+STRUCTURED_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 60},
+        "summary": {"type": "string", "maxLength": 240},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
+    },
+    "required": ["title", "summary", "tags"],
+    "additionalProperties": False,
+}
+STRUCTURED_PROMPTS: tuple[str, ...] = tuple(
+    f"{question}\nReply with a JSON object holding a title, a one-sentence summary and up to "
+    "three tags."
+    for question in _QUESTIONS
+)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.baselines import STATIC_BATCH_SIZE, Baselines
-from bench.metrics import LevelMetrics
+from bench.metrics import LevelMetrics, StructuredLevel
 
 # The targets, in one place so they are easy to review and to tighten.
 SINGLE_VS_HF = 0.9  # served single-stream tok/s >= this x HF generate single stream
@@ -23,6 +23,7 @@ BATCHING_GAIN = 6.0  # tok/s at 16 concurrent >= this x served single stream
 VS_STATIC_BATCH = 0.9  # tok/s at 16 concurrent >= this x HF generate on a static batch of 16
 TTFT_P50_AT_16_MS = 1000.0  # TTFT p50 at 16 concurrent <= this
 HOLDS_AT_32 = 0.95  # tok/s at 32 >= this x tok/s at 16 ("holds or rises", allowing 5% noise)
+MASK_OF_STEP = 0.15  # structured output: grammar-mask seconds < this x engine-step seconds
 
 Status = Literal["PASS", "FAIL", "SKIP"]
 
@@ -124,6 +125,39 @@ def evaluate_targets(
     return results
 
 
+def evaluate_structured_targets(structured: StructuredLevel | None) -> list[TargetResult]:
+    """The structured-output level's verdicts: no failed request in either run, and the grammar
+    mask under MASK_OF_STEP of the engine's step time (SKIP when the level did not run or the
+    worker's counters could not be read)."""
+    name = "structured mask"
+    goal = f"grammar mask < {MASK_OF_STEP:.0%} of engine step time at the structured level"
+    if structured is None:
+        return [_skip(name, goal, "the structured level was not run")]
+    errors = structured.unconstrained.errors + structured.constrained.errors
+    results = [
+        TargetResult(
+            "structured no errors",
+            "every structured-level request (constrained and not) completes",
+            float(errors),
+            0.0,
+            "PASS" if errors == 0 else "FAIL",
+            f"{errors} failed request(s)",
+        )
+    ]
+    fraction = structured.mask_fraction
+    if fraction is None:
+        results.append(_skip(name, goal, "no mask/step counters from the worker"))
+    else:
+        results.append(
+            TargetResult(
+                name, goal, fraction, MASK_OF_STEP,
+                "PASS" if fraction < MASK_OF_STEP else "FAIL",
+                f"{fraction:.1%} of a step",
+            )
+        )  # fmt: skip
+    return results
+
+
 # --- printing -------------------------------------------------------------------------------------
 
 
@@ -187,11 +221,53 @@ def print_report(
             _fmt(baselines.batch_tok_s),
         )
         console.print(base)
+    print_targets(console, targets)
 
+
+def print_structured_report(console: Console, structured: StructuredLevel) -> None:
+    table = Table(
+        title=f"Structured output at {structured.concurrency} concurrent "
+        "(/v1/chat/completions, streaming, same prompts and max_tokens)"
+    )
+    for column in (
+        "run", "reqs", "err", "tok/s", "mean out tok", "TTFT p50 ms", "ITL p50 ms", "valid JSON",
+    ):  # fmt: skip
+        table.add_column(column, justify="right")
+    for label, level, valid in (
+        ("unconstrained", structured.unconstrained, "-"),
+        ("json_schema", structured.constrained, f"{structured.valid_outputs}"),
+    ):
+        mean_out = level.output_tokens / level.completed if level.completed else None
+        table.add_row(
+            label,
+            str(level.requests),
+            str(level.errors) if not level.errors else f"[red]{level.errors}[/red]",
+            _fmt(level.output_throughput),
+            _fmt(mean_out),
+            _fmt(level.ttft.p50_ms, 0),
+            _fmt(level.itl.p50_ms),
+            valid,
+        )
+    console.print(table)
+    for level in (structured.unconstrained, structured.constrained):
+        for sample in level.error_samples:
+            console.print(f"[red]errors at the structured level:[/red] {sample}")
+    ratio = structured.throughput_ratio
+    fraction = structured.mask_fraction
+    console.print(
+        f"json_schema tok/s = {_fmt(ratio, 2) if ratio is not None else '-'}x unconstrained; "
+        f"mask {_fmt(structured.mask_seconds, 3)} s over {_fmt(structured.step_seconds, 3)} s of "
+        f"engine steps = {'-' if fraction is None else f'{fraction:.1%}'}"
+    )
+
+
+def print_targets(console: Console, targets: Sequence[TargetResult]) -> None:
     colours = {"PASS": "green", "FAIL": "red", "SKIP": "yellow"}
     for target in targets:
-        measured = _fmt(target.measured)
-        threshold = _fmt(target.threshold)
+        # Fractions (the mask's share of a step) need more digits than tok/s and milliseconds.
+        digits = 3 if target.threshold is not None and 0 < target.threshold < 1 else 1
+        measured = _fmt(target.measured, digits)
+        threshold = _fmt(target.threshold, digits)
         console.print(
             f"[{colours[target.status]}]{target.status}[/] {target.name}: {target.goal} "
             f"(measured {measured}, goal {threshold}; {target.note})"
@@ -214,11 +290,13 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(output_dir: Path, stamp: str, document: Mapping[str, Any]) -> Path:
-    """<stamp>.json and a copy as latest.json."""
+def write_json(
+    output_dir: Path, stamp: str, document: Mapping[str, Any], latest: str = "latest"
+) -> Path:
+    """<stamp>.json and a copy as <latest>.json."""
     path = output_dir / f"{stamp}.json"
     path.write_text(json.dumps(to_jsonable(document), indent=2) + "\n")
-    shutil.copyfile(path, output_dir / "latest.json")
+    shutil.copyfile(path, output_dir / f"{latest}.json")
     return path
 
 

@@ -1,8 +1,11 @@
 """`make bench`: the serving benchmark. Measures the HF `generate` baselines in-process, starts a
 stack (controller, worker, gateway) on free ports, drives it with closed-loop streaming clients at
-each concurrency level, then prints the figures against the targets and writes bench/results/.
+each concurrency level, then a structured-output level (16 chat streams with a JSON Schema
+response_format against the same requests unconstrained, and the worker's grammar-mask time per
+engine step), prints the figures against the targets and writes bench/results/.
 
     .venv/bin/python -m bench.serving [--levels 1,4,16,32] [--gateway-url URL] ...
+    .venv/bin/python -m bench.serving --structured-only     # just the structured-output level
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import gc
+import json
 import os
 import platform
 import shlex
@@ -22,13 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
 
 from bench.baselines import Baselines, measure_baselines
-from bench.loadgen import LoadSpec, run_level, warm_up
-from bench.metrics import LevelMetrics, summarize_level
-from bench.prompts import PROMPT_SETS, load_prompt_set
-from bench.report import evaluate_targets, print_report, write_json, write_plot
+from bench.loadgen import ChatLoadSpec, LoadSpec, run_level, scrape_counters, warm_up
+from bench.metrics import LevelMetrics, StructuredLevel, counter_delta, summarize_level
+from bench.prompts import PROMPT_SETS, STRUCTURED_PROMPTS, STRUCTURED_SCHEMA, load_prompt_set
+from bench.report import (
+    evaluate_structured_targets,
+    evaluate_targets,
+    print_report,
+    print_structured_report,
+    print_targets,
+    write_json,
+    write_plot,
+)
 from services.cli.launcher import ServiceExited, ServiceProcess, free_port, wait_models_listed
 from services.common.config import FlagParser
 from services.worker.default_models import DEFAULT_CHAT_MODEL_NAME, default_model_specs
@@ -38,6 +52,9 @@ HOST = "127.0.0.1"
 READY_TIMEOUT_S = 600.0
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WARM_UP_TOKENS = 8
+# The worker's counters (services/worker/metrics.py) behind the structured level's mask cost.
+MASK_COUNTER = "chatfleet:structured_output_mask_seconds_total"
+STEP_COUNTER = "chatfleet:engine_step_seconds_total"
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,9 @@ class BenchConfig:
     quantization: str  # the worker's --quantization, applied to the baselines' model too
     output_dir: Path
     strict: bool
+    structured_level: int  # concurrency of the structured-output level; 0: not run
+    structured_only: bool  # only that level: no baselines, no completions levels
+    worker_metrics_url: str | None  # the worker's /metrics with --gateway-url; None: no mask cost
 
     def requests_at(self, concurrency: int) -> int:
         return self.requests_per_level or max(2 * concurrency, 8)
@@ -70,6 +90,15 @@ class BenchConfig:
             ) from None
         if not levels or levels[0] < 1:
             raise ValueError(f"--levels must be positive concurrency levels, got {ns.levels!r}")
+        if ns.structured_level < 0:
+            raise ValueError(f"--structured-level must be 0 or more, got {ns.structured_level}")
+        if ns.structured_only and not ns.structured_level:
+            raise ValueError("--structured-only needs a --structured-level above 0")
+        if ns.worker_metrics_url and not ns.gateway_url:
+            raise ValueError(
+                "--worker-metrics-url is for --gateway-url; a started stack's worker is scraped "
+                "on its own --metrics-port"
+            )
         if ns.requests_per_level < 0:
             raise ValueError(f"--requests-per-level must be 0 or more, got {ns.requests_per_level}")
         if ns.max_tokens < 2:
@@ -89,7 +118,7 @@ class BenchConfig:
                 "--worker-args applies to the stack the benchmark starts, not to --gateway-url"
             )
         return cls(
-            levels=levels,
+            levels=() if ns.structured_only else levels,
             requests_per_level=ns.requests_per_level or None,
             max_tokens=ns.max_tokens,
             prompt_set=ns.prompt_set,
@@ -102,6 +131,9 @@ class BenchConfig:
             quantization=ns.quantization,
             output_dir=Path(ns.output_dir),
             strict=ns.strict,
+            structured_level=ns.structured_level,
+            structured_only=ns.structured_only,
+            worker_metrics_url=ns.worker_metrics_url or None,
         )
 
 
@@ -141,6 +173,21 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "weights, so every ratio compares like with like",
     )  # fmt: skip
     add("--output-dir", default=str(RESULTS_DIR), help="where the JSON and PNG results go")
+    add(
+        "--structured-level", default=16, type=int,
+        help="concurrency of the structured-output level (chat with a JSON Schema "
+        "response_format vs the same requests unconstrained); 0: skip it",
+    )  # fmt: skip
+    add(
+        "--worker-metrics-url", default="",
+        help="with --gateway-url: the worker's Prometheus /metrics URL, for the grammar mask's "
+        "share of an engine step",
+    )  # fmt: skip
+    flags.add_bool(
+        "--structured-only",
+        help="run only the structured-output level (no baselines, no --levels)",
+        env="CHATFLEET_BENCH_STRUCTURED_ONLY",
+    )
     flags.add_bool(
         "--skip-baselines", help="do not measure the HF generate baselines",
         env="CHATFLEET_BENCH_SKIP_BASELINES",
@@ -193,14 +240,24 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip()
 
 
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the benchmark reaches the stack."""
+
+    gateway_url: str
+    worker_metrics_url: str | None  # None: the worker's counters are not scraped
+
+
 @contextlib.asynccontextmanager
 async def started_stack(
     model: str, worker_args: Sequence[str], log_dir: Path, console: Console
-) -> AsyncIterator[str]:
-    """Controller, worker (default models plus worker_args) and gateway on free loopback ports,
-    started by the launcher `chatfleet up` uses; yields the gateway URL and always stops them."""
+) -> AsyncIterator[Endpoints]:
+    """Controller, worker (default models plus worker_args, Prometheus metrics on a free port)
+    and gateway on free loopback ports, started by the launcher `chatfleet up` uses; yields their
+    URLs and always stops them."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     controller_port, worker_port, gateway_port = free_port(), free_port(), free_port()
+    metrics_port = free_port()
     controller_address = f"{HOST}:{controller_port}"
     gateway_url = f"http://{HOST}:{gateway_port}"
 
@@ -212,8 +269,14 @@ async def started_stack(
     controller = service("controller", controller_port)
     # worker_args come last, so they override the defaults above them.
     worker = service(
-        "worker", worker_port, ["--controller-address", controller_address, *worker_args]
-    )
+        "worker",
+        worker_port,
+        [
+            "--controller-address", controller_address,
+            "--metrics-port", str(metrics_port),
+            *worker_args,
+        ],
+    )  # fmt: skip
     gateway = service("gateway", gateway_port, ["--controller-address", controller_address])
     started: list[ServiceProcess] = []
     try:
@@ -228,7 +291,7 @@ async def started_stack(
         started.append(gateway)
         await gateway.wait_http_ok(f"{gateway_url}/health", READY_TIMEOUT_S)
         await asyncio.wait_for(wait_models_listed(controller_address, [model]), READY_TIMEOUT_S)
-        yield gateway_url
+        yield Endpoints(gateway_url, f"http://{HOST}:{metrics_port}/metrics")
     finally:
         for process in reversed(started):
             with contextlib.suppress(ProcessLookupError):
@@ -244,33 +307,111 @@ class LoadAverages(dict[str, list[float]]):
 
 
 async def run_served(
-    config: BenchConfig, gateway_url: str, console: Console, load: LoadAverages
-) -> list[LevelMetrics]:
-    spec = LoadSpec(gateway_url, config.model, config.prompts, config.max_tokens, config.api_key)
-    await warm_up(spec, range(min(2, len(config.prompts))), WARM_UP_TOKENS)
+    config: BenchConfig, endpoints: Endpoints, console: Console, load: LoadAverages
+) -> tuple[list[LevelMetrics], StructuredLevel | None]:
+    spec = LoadSpec(
+        endpoints.gateway_url, config.model, config.prompts, config.max_tokens, config.api_key
+    )
     levels = []
+    if config.levels:
+        await warm_up(spec, range(min(2, len(config.prompts))), WARM_UP_TOKENS)
     for concurrency in config.levels:
         requests = config.requests_at(concurrency)
         console.print(f"concurrency {concurrency}: {requests} requests...")
         results, duration = await run_level(spec, concurrency, requests)
         level = summarize_level(concurrency, results, duration)
         load.mark(f"after_level_{concurrency}")
-        console.print(
-            f"  {level.output_throughput:.1f} tok/s, TTFT p50 {level.ttft.p50_ms or 0:.0f} ms, "
-            f"{level.errors} error(s), {duration:.1f} s"
-        )
+        _print_level(console, level, duration)
         levels.append(level)
-    return levels
+    structured = None
+    if config.structured_level:
+        structured = await run_structured(config, endpoints, console, load)
+    return levels, structured
+
+
+def _print_level(console: Console, level: LevelMetrics, duration: float) -> None:
+    console.print(
+        f"  {level.output_throughput:.1f} tok/s, TTFT p50 {level.ttft.p50_ms or 0:.0f} ms, "
+        f"{level.errors} error(s), {duration:.1f} s"
+    )
+
+
+async def run_structured(
+    config: BenchConfig, endpoints: Endpoints, console: Console, load: LoadAverages
+) -> StructuredLevel:
+    """The same chat requests unconstrained, then with the JSON Schema response_format; the
+    worker's mask and step counters are read around the constrained run only."""
+    concurrency = config.structured_level
+    requests = config.requests_at(concurrency)
+    plain = ChatLoadSpec(
+        endpoints.gateway_url, config.model, STRUCTURED_PROMPTS, config.max_tokens,
+        api_key=config.api_key,
+    )  # fmt: skip
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "note", "schema": STRUCTURED_SCHEMA, "strict": True},
+    }
+    constrained = dataclasses.replace(plain, response_format=response_format)
+    # The first constrained request compiles the schema (then cached by the worker): not timed.
+    for spec in (plain, constrained):
+        await warm_up(dataclasses.replace(spec, max_tokens=WARM_UP_TOKENS), range(1), 0)
+
+    console.print(
+        f"structured level, concurrency {concurrency}: {requests} requests unconstrained..."
+    )
+    results, duration = await run_level(plain, concurrency, requests)
+    unconstrained = summarize_level(concurrency, results, duration)
+    load.mark("after_structured_unconstrained")
+    _print_level(console, unconstrained, duration)
+
+    console.print(f"  ... and {requests} with response_format json_schema")
+    before = await _counters(endpoints.worker_metrics_url, console)
+    results, duration = await run_level(constrained, concurrency, requests)
+    after = await _counters(endpoints.worker_metrics_url, console)
+    constrained_level = summarize_level(concurrency, results, duration)
+    load.mark("after_structured_constrained")
+    _print_level(console, constrained_level, duration)
+    return StructuredLevel(
+        concurrency=concurrency,
+        schema=STRUCTURED_SCHEMA,
+        unconstrained=unconstrained,
+        constrained=constrained_level,
+        valid_outputs=sum(_follows_schema(r.text) for r in results if r.ok),
+        mask_seconds=counter_delta(before, after, MASK_COUNTER),
+        step_seconds=counter_delta(before, after, STEP_COUNTER),
+    )
+
+
+async def _counters(metrics_url: str | None, console: Console) -> dict[str, float]:
+    if metrics_url is None:
+        return {}
+    try:
+        return await scrape_counters(metrics_url, (MASK_COUNTER, STEP_COUNTER))
+    except httpx.HTTPError as exc:
+        console.print(f"[yellow]cannot read the worker's metrics at {metrics_url}: {exc}[/yellow]")
+        return {}
+
+
+def _follows_schema(text: str) -> bool:
+    """A JSON object with the schema's required keys (answers cut by max_tokens are not)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    required = STRUCTURED_SCHEMA["required"]
+    assert isinstance(required, list)
+    return isinstance(value, dict) and all(key in value for key in required)
 
 
 async def serve_and_measure(
     config: BenchConfig, log_dir: Path, console: Console, load: LoadAverages
-) -> tuple[list[LevelMetrics], str]:
+) -> tuple[list[LevelMetrics], StructuredLevel | None, str]:
     if config.gateway_url:
-        return await run_served(config, config.gateway_url, console, load), config.gateway_url
+        endpoints = Endpoints(config.gateway_url, config.worker_metrics_url)
+        return *await run_served(config, endpoints, console, load), config.gateway_url
     worker_args = ("--quantization", config.quantization, *config.worker_args)
-    async with started_stack(config.model, worker_args, log_dir, console) as url:
-        return await run_served(config, url, console, load), url
+    async with started_stack(config.model, worker_args, log_dir, console) as endpoints:
+        return *await run_served(config, endpoints, console, load), endpoints.gateway_url
 
 
 def baselines_of(config: BenchConfig, console: Console, load: LoadAverages) -> Baselines:
@@ -309,10 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     log_dir = config.output_dir / "logs" / stamp
     try:
-        baselines = None if config.skip_baselines else baselines_of(config, console, load)
+        skip_baselines = config.skip_baselines or config.structured_only
+        baselines = None if skip_baselines else baselines_of(config, console, load)
         if not config.gateway_url:
             log_dir.mkdir(parents=True)
-        levels, gateway_url = asyncio.run(serve_and_measure(config, log_dir, console, load))
+        levels, structured, gateway_url = asyncio.run(
+            serve_and_measure(config, log_dir, console, load)
+        )
     except FileNotFoundError as exc:  # the default model is not installed
         console.print(f"[red]{exc}[/red]")
         return 1
@@ -323,8 +467,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-    targets = evaluate_targets({level.concurrency: level for level in levels}, baselines)
-    print_report(console, levels, baselines, targets)
+    targets = (
+        []
+        if config.structured_only
+        else evaluate_targets({level.concurrency: level for level in levels}, baselines)
+    )
+    targets += evaluate_structured_targets(structured)
+    if levels:
+        print_report(console, levels, baselines, [])
+    if structured is not None:
+        print_structured_report(console, structured)
+    print_targets(console, targets)
     config_record = {
         key: value for key, value in vars(config).items() if key not in {"api_key", "prompts"}
     }
@@ -336,20 +489,33 @@ def main(argv: list[str] | None = None) -> int:
             "started_stack": config.gateway_url is None,
             "requests_at_levels": {c: config.requests_at(c) for c in config.levels},
             "endpoint": "/v1/completions (stream, include_usage, temperature 0, ignore_eos)",
+            "structured_endpoint": "/v1/chat/completions (stream, include_usage, temperature 0; "
+            "response_format json_schema vs none)",
         },
         "machine": {**machine, "load_averages": load},
         "baselines": baselines,
         "levels": levels,
+        "structured": structured,
         "targets": targets,
     }
-    json_path = write_json(config.output_dir, stamp, document)
+    # A structured-only run is a figure of its own: it leaves latest.json to the full runs.
+    json_path = write_json(
+        config.output_dir,
+        f"{stamp}-structured" if config.structured_only else stamp,
+        document,
+        latest="latest-structured" if config.structured_only else "latest",
+    )
     title = (
         f"chatfleet serving benchmark {stamp}: {config.model}, prompt set {config.prompt_set}, "
         f"{config.max_tokens} output tokens, {machine['cpu_count']} CPUs"
     )
-    plot_path = write_plot(config.output_dir, stamp, levels, baselines, title)
-    console.print(f"results: {json_path} and {plot_path} (+ latest.json, latest.png)")
-    if any(level.errors for level in levels):
+    if levels:
+        plot_path = write_plot(config.output_dir, stamp, levels, baselines, title)
+        console.print(f"results: {json_path} and {plot_path} (+ latest.json, latest.png)")
+    else:
+        console.print(f"results: {json_path} (+ latest-structured.json)")
+    structured_levels = (structured.unconstrained, structured.constrained) if structured else ()
+    if any(level.errors for level in (*levels, *structured_levels)):
         return 1
     if config.strict and any(t.status == "FAIL" for t in targets):
         return 3

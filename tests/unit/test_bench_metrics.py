@@ -3,22 +3,26 @@ summary, target verdicts, and SSE parsing against a mock transport (no servers, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import httpx
 import numpy as np
 import pytest
 
-from bench.loadgen import LoadSpec, stream_completion
+from bench.loadgen import ChatLoadSpec, LoadSpec, parse_counters, stream_chat, stream_completion
 from bench.metrics import (
     LevelMetrics,
     RequestResult,
+    StructuredLevel,
+    counter_delta,
     inter_token_latencies,
+    mask_fraction,
     percentile,
     summarize_level,
     time_per_output_token,
 )
-from bench.report import evaluate_targets
+from bench.report import evaluate_structured_targets, evaluate_targets
 
 
 @pytest.mark.parametrize("p", [0, 25, 50, 90, 99, 100])
@@ -147,3 +151,86 @@ async def test_stream_completion_reports_http_errors() -> None:
     ) as client:
         result = await stream_completion(client, spec, 0)
     assert result.error is not None and result.error.startswith("HTTP 404")
+
+
+async def test_stream_chat_keeps_the_text_and_sends_the_response_format() -> None:
+    def chunk(body: dict[str, object]) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    stream = (
+        chunk({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        + chunk({"choices": [{"index": 0, "delta": {"content": '{"a"'}}]})
+        + chunk({"choices": [{"index": 0, "delta": {"content": ": 1}"}, "finish_reason": "stop"}]})
+        + chunk({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}})
+        + "data: [DONE]\n\n"
+    )
+    sent: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/chat/completions"
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
+
+    response_format = {"type": "json_schema", "json_schema": {"name": "n", "schema": {}}}
+    spec = ChatLoadSpec("http://bench.test", "m", ("a prompt",), 8, response_format)
+    async with httpx.AsyncClient(
+        base_url=spec.gateway_url, transport=httpx.MockTransport(handler)
+    ) as client:
+        result = await stream_chat(client, spec, 0)
+        # An answer shorter than max_tokens is complete: a JSON object ended it.
+        assert result.ok, result.error
+        assert result.text == '{"a": 1}'
+        assert len(result.token_arrivals) == 2
+        assert (result.prompt_tokens, result.output_tokens) == (7, 3)
+        assert sent[0]["response_format"] == response_format
+        assert sent[0]["messages"] == [{"role": "user", "content": "a prompt"}]
+        assert "ignore_eos" not in sent[0]
+
+        plain = await stream_chat(client, ChatLoadSpec("http://bench.test", "m", ("p",), 2), 0)
+        assert plain.error == "3 completion tokens, expected 1 to 2"
+        assert "response_format" not in sent[1]
+
+
+def test_parse_counters_sums_the_models_samples() -> None:
+    exposition = (
+        "# TYPE chatfleet:engine_step_seconds counter\n"
+        'chatfleet:engine_step_seconds_total{model_name="a"} 2.5\n'
+        'chatfleet:engine_step_seconds_total{model_name="b"} 1.5\n'
+        'chatfleet:engine_step_seconds_created{model_name="a"} 1.7e9\n'
+        "# TYPE chatfleet:num_requests_running gauge\n"
+        'chatfleet:num_requests_running{model_name="a"} 3\n'
+    )
+    names = (
+        "chatfleet:engine_step_seconds_total",
+        "chatfleet:structured_output_mask_seconds_total",
+    )
+    assert parse_counters(exposition, names) == {"chatfleet:engine_step_seconds_total": 4.0}
+
+
+def test_mask_fraction_and_counter_deltas() -> None:
+    before, after = {"mask": 1.0, "step": 10.0}, {"mask": 1.5, "step": 14.0}
+    assert counter_delta(before, after, "mask") == 0.5
+    assert counter_delta({}, after, "mask") is None
+    assert mask_fraction(0.5, 4.0) == 0.125
+    assert mask_fraction(None, 4.0) is None
+    assert mask_fraction(0.5, 0.0) is None
+
+
+def _structured(mask: float | None, step: float | None, errors: int = 0) -> StructuredLevel:
+    def level(tok_s: float) -> LevelMetrics:
+        return summarize_level(16, [_request(0.0, [0.5, 1.5], 1.5, 2)], 2.0 / tok_s)
+
+    constrained = dataclasses.replace(level(70.0), errors=errors)
+    return StructuredLevel(16, {}, level(80.0), constrained, 16, mask, step)
+
+
+def test_structured_targets() -> None:
+    passing = _structured(0.3, 4.0)
+    assert passing.throughput_ratio == pytest.approx(70.0 / 80.0)
+    statuses = {t.name: t.status for t in evaluate_structured_targets(passing)}
+    assert statuses == {"structured no errors": "PASS", "structured mask": "PASS"}  # 7.5%
+    statuses = {t.name: t.status for t in evaluate_structured_targets(_structured(1.0, 4.0, 1))}
+    assert statuses == {"structured no errors": "FAIL", "structured mask": "FAIL"}  # 25%
+    statuses = {t.name: t.status for t in evaluate_structured_targets(_structured(None, 4.0))}
+    assert statuses["structured mask"] == "SKIP"
+    assert [t.status for t in evaluate_structured_targets(None)] == ["SKIP"]
