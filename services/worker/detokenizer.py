@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 DecodeFn = Callable[[Sequence[int]], str]
@@ -26,12 +26,25 @@ _REPLACEMENT = "\ufffd"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-def make_decode_fn(tokenizer: Any, *, skip_special_tokens: bool = True) -> DecodeFn:
+def make_decode_fn(
+    tokenizer: Any, *, skip_special_tokens: bool = True, keep: Iterable[str] = ()
+) -> DecodeFn:
     """A fast ids -> text function: the Rust tokenizer directly when there is one.
 
     Tokenization-space clean-up (BERT's " ." -> ".") is not applied: it is not prefix-stable,
-    so incremental text could not match the full decode with it.
+    so incremental text could not match the full decode with it. `keep` names special tokens whose
+    text stays when the others are skipped: the markers output parsing reads ([TOOL_CALLS],
+    <|python_tag|>, ...), which some tokenizers flag as special.
     """
+    kept = _special_ids(tokenizer, keep) if skip_special_tokens else frozenset()
+    if kept:
+        dropped = _special_ids(tokenizer, None) - kept
+        decode_all = make_decode_fn(tokenizer, skip_special_tokens=False)
+
+        def decode_keeping(ids: Sequence[int]) -> str:
+            return decode_all([i for i in ids if i not in dropped])
+
+        return decode_keeping
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
 
@@ -50,6 +63,18 @@ def make_decode_fn(tokenizer: Any, *, skip_special_tokens: bool = True) -> Decod
         )
 
     return decode_slow
+
+
+def _special_ids(tokenizer: Any, names: Iterable[str] | None) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens, or of those among them named in `names`."""
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", ())}
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            special.add(int(token_id))
+    if names is None:
+        return frozenset(special)
+    wanted = set(names)
+    return frozenset(i for i in special if tokenizer.convert_ids_to_tokens(i) in wanted)
 
 
 def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:

@@ -60,6 +60,7 @@ from services.worker.engine import (
     TopLogprob,
 )
 from services.worker.loading import EngineOptions, LoadedModel, LoadPlan, ModelKind
+from services.worker.output_parsing import OUTPUT_MARKERS
 from services.worker.prompts import (
     EncodedPrompt,
     encode_prompt,
@@ -717,7 +718,9 @@ class HFEngine(Engine):
 
     def _load(self) -> None:
         loaded = self._plan.load(self._options.threads, self._options.quantization)
-        self._decode_text = make_decode_fn(loaded.tokenizer, skip_special_tokens=True)
+        self._decode_text = make_decode_fn(
+            loaded.tokenizer, skip_special_tokens=True, keep=OUTPUT_MARKERS
+        )
         self._decode_special = make_decode_fn(loaded.tokenizer, skip_special_tokens=False)
         self._byte_tokens = byte_fallback_ids(loaded.tokenizer)
         if self._plan.kind is ModelKind.CAUSAL_LM:

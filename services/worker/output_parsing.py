@@ -25,6 +25,15 @@ HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_TAG = "[TOOL_CALLS]"
 LLAMA3_PYTHON_TAG = "<|python_tag|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# What the parsers read: the detokenizer keeps these even where the tokenizer flags them special.
+OUTPUT_MARKERS = (
+    HERMES_OPEN,
+    HERMES_CLOSE,
+    MISTRAL_TAG,
+    LLAMA3_PYTHON_TAG,
+    THINK_OPEN,
+    THINK_CLOSE,
+)
 
 _WHITESPACE = " \t\r\n"
 _ARGUMENT_KEYS = ("arguments", "parameters")

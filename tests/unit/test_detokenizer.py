@@ -118,3 +118,18 @@ def test_long_streams_only_decode_a_window() -> None:
     text = "".join(detok.step(t) for t in output)
     assert text == full_decode(tokenizer, output)
     assert max(calls) <= 8  # never the whole output
+
+
+def test_kept_markers_survive_skipping_special_tokens() -> None:
+    """Mistral flags [TOOL_CALLS] as special: the tool parser must still see it, while the
+    other special tokens (EOS here) are dropped as before."""
+    tokenizer = build_byte_level_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    marker = tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
+    words = tokenizer.encode("call it", add_special_tokens=False)
+    ids = [*words, marker, *words, tokenizer.eos_token_id]
+    plain = make_decode_fn(tokenizer)
+    keeping = make_decode_fn(tokenizer, keep=["[TOOL_CALLS]", "<|python_tag|>"])
+    assert "[TOOL_CALLS]" not in plain(ids)
+    assert keeping(ids) == "call it[TOOL_CALLS]call it"
+    assert keeping(words) == plain(words)
