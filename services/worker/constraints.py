@@ -15,10 +15,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.gbnf_to_lark
+
+if TYPE_CHECKING:  # a typing-only name of the extension's stub
+    from llguidance._lib import JsonCompileOptions
 import llguidance.hf
 import llguidance.torch as lt
 import torch
@@ -136,7 +139,7 @@ class ConstraintCompiler:
 # JSON on one line with fixed separators, as OpenAI's structured outputs read: free whitespace
 # lets a small model spend its whole budget on newlines inside a valid object. A schema may still
 # ask for other layout with its own "x-guidance" options.
-_JSON_LAYOUT = {"whitespace_flexible": False}
+_JSON_LAYOUT: JsonCompileOptions = {"whitespace_flexible": False}
 
 
 def _grammar(constraint: OutputConstraint) -> str:
