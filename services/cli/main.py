@@ -25,6 +25,7 @@ COMMANDS = {
         "services.cli.test_message",
         "send one prompt to a model (through the controller) or to a worker, like FastChat's",
     ),
+    "eval": ("services.eval.cli", "evaluate the served models: `chatfleet eval mt-bench`"),
 }
 
 
