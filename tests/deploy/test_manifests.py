@@ -63,6 +63,11 @@ def _deployment(component: str) -> Resource:
     raise AssertionError(f"no Deployment for the {component}")
 
 
+def _workloads() -> list[Resource]:
+    """Deployments and StatefulSets: what makes pods."""
+    return _of_kind("Deployment") + _of_kind("StatefulSet")
+
+
 def _containers() -> Iterator[tuple[Resource, Resource]]:
     for deployment in _of_kind("Deployment"):
         for container in deployment["spec"]["template"]["spec"]["containers"]:
@@ -96,6 +101,8 @@ def test_there_are_manifests_for_every_service() -> None:
         "PersistentVolumeClaim/chatfleet-models",
         "Service/chatfleet-controller",
         "Service/chatfleet-gateway",
+        "Service/chatfleet-postgres",
+        "StatefulSet/chatfleet-postgres",
     ]
 
 
@@ -126,12 +133,12 @@ def test_kustomization_lists_every_manifest() -> None:
 # --- wiring between resources ---------------------------------------------------------------------
 
 
-def test_every_service_selects_a_deployment_and_targets_its_ports() -> None:
+def test_every_service_selects_a_workload_and_targets_its_ports() -> None:
     for service in _of_kind("Service"):
         selector = service["spec"]["selector"]
         matches = [
             d
-            for d in _of_kind("Deployment")
+            for d in _workloads()
             if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
         assert len(matches) == 1, f"Service {service['metadata']['name']} selects {len(matches)}"
@@ -140,8 +147,8 @@ def test_every_service_selects_a_deployment_and_targets_its_ports() -> None:
             _port_number(container, port["targetPort"])
 
 
-def test_deployment_selectors_match_their_pod_labels() -> None:
-    for deployment in _of_kind("Deployment"):
+def test_workload_selectors_match_their_pod_labels() -> None:
+    for deployment in _workloads():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
@@ -220,6 +227,36 @@ def test_gateway_autoscaler_targets_the_gateway() -> None:
         assert container["resources"]["requests"]["cpu"]
 
 
+def _env(container: Resource) -> dict[str, Resource]:
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+def test_gateways_share_the_leaderboard_database() -> None:
+    """Every gateway replica reads the store URL from the Secret whose password the PostgreSQL
+    StatefulSet is initialised with, and the database is reachable through its Service."""
+    (gateway,) = _deployment("gateway")["spec"]["template"]["spec"]["containers"]
+    url = _env(gateway)["CHATFLEET_LEADERBOARD_URL"]["valueFrom"]["secretKeyRef"]
+    # Optional: without the Secret the gateways still start (each on its own SQLite file).
+    assert (url["name"], url["key"], url["optional"]) == ("chatfleet-leaderboard", "url", True)
+    (postgres,) = _of_kind("StatefulSet")
+    (container,) = postgres["spec"]["template"]["spec"]["containers"]
+    env = _env(container)
+    password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert (password["name"], password["key"]) == (url["name"], "password")
+    assert env["POSTGRES_USER"]["value"] == env["POSTGRES_DB"]["value"] == "chatfleet"
+    (service,) = (s for s in _of_kind("Service") if s["metadata"]["name"] == "chatfleet-postgres")
+    assert postgres["spec"]["serviceName"] == service["metadata"]["name"]
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == _port_number(container, port["targetPort"]) == 5432
+    # Data on the StatefulSet's own volume, PGDATA below its mount point.
+    (claim,) = postgres["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["PGDATA"]["value"].startswith(mounts[claim["metadata"]["name"]] + "/")
+    security = postgres["spec"]["template"]["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
 def test_workers_and_gateways_reach_the_controller_through_its_service() -> None:
     (service,) = (s for s in _of_kind("Service") if s["metadata"]["name"] == "chatfleet-controller")
     expected = f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
@@ -253,7 +290,7 @@ def test_container_env_names_are_ones_the_service_reads() -> None:
 def test_pods_disable_service_links() -> None:
     # A Service named chatfleet-controller makes the kubelet inject
     # CHATFLEET_CONTROLLER_PORT=tcp://..., which the controller would read as its --port.
-    for deployment in _of_kind("Deployment"):
+    for deployment in _workloads():
         assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False
 
 

@@ -301,6 +301,9 @@ def test_arena_round_vote_and_leaderboard(page: Page) -> None:
     page.click("button[data-tab='leaderboard']")
     rows = page.locator("#leaderboard-rows tr")
     expect(rows).to_have_count(1)
-    expect(rows.locator("td")).to_have_text(["1", CHAT_MODEL, "1000", "1", "0", "0", "0"])
+    # Rank, model, Bradley-Terry rating, its 95% interval, votes, wins, ties, losses, MT-bench.
+    expect(rows.locator("td")).to_have_text(
+        ["1", CHAT_MODEL, "1000", "+0/-0", "1", "0", "0", "0", "—"]
+    )
     expect(page.locator("#leaderboard-summary")).to_contain_text("1 vote")
     shot(page, "07-leaderboard")

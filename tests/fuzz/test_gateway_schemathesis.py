@@ -7,6 +7,7 @@ response bodies); invalid bodies are refused. Derandomized and bounded, so CI ru
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import schemathesis
@@ -47,10 +48,12 @@ class GatewayOnFakes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            async with fake_fleet() as fleet:
-                fleet.controller.routes = _EveryModel(fleet.controller.routes)
-                self._app = create_app(fleet.config)
-                await self._app(scope, receive, send)
+            # Battles the fuzzer starts go to a throwaway arena store, not the working directory.
+            with tempfile.TemporaryDirectory() as folder:
+                async with fake_fleet(arena_db=f"{folder}/arena.sqlite3") as fleet:
+                    fleet.controller.routes = _EveryModel(fleet.controller.routes)
+                    self._app = create_app(fleet.config)
+                    await self._app(scope, receive, send)
             return
         await self._app(scope, receive, send)
 

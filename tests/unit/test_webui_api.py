@@ -28,6 +28,7 @@ from chatfleet.v1 import common_pb2
 from services.common.errors import InvalidRequestError
 from services.gateway.webui import PUBLIC_PATHS, STATIC_DIR
 from services.gateway.webui.routes import chat_models
+from services.leaderboard.store import MTBenchScore, open_store
 
 KEY = "sk-webui-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -70,6 +71,7 @@ async def test_page_and_assets_are_open_while_the_api_needs_a_key(tmp_path: Path
         models = await anonymous.get("/v1/models")
         battles = await anonymous.post("/api/arena/battles")
         board = await anonymous.get("/api/arena/leaderboard")
+        v1_board = await anonymous.get("/api/v1/leaderboard")
         licence = await anonymous.get("/ui/vendor/LICENSE.marked")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
@@ -81,7 +83,7 @@ async def test_page_and_assets_are_open_while_the_api_needs_a_key(tmp_path: Path
             "text/javascript",
             "application/javascript",
         }
-    for refused in (models, battles, board, licence):
+    for refused in (models, battles, board, v1_board, licence):
         assert refused.status_code == 401
         assert error_of(refused)["code"] == "invalid_api_key"
 
@@ -182,6 +184,87 @@ async def test_votes_survive_a_restart(tmp_path: Path) -> None:
         board = (await client.get("/api/arena/leaderboard")).json()
     assert board["total_votes"] == 1
     assert [entry["ties"] for entry in board["data"]] == [1, 1]
+
+
+async def test_a_battle_started_on_one_gateway_is_voted_through_another(tmp_path: Path) -> None:
+    """Two gateway apps on one store: the battle lives in the store, not in a gateway."""
+    async with (
+        arena(tmp_path) as (fleet, first),
+        gateway_client(fleet.config, headers=AUTH) as second,
+    ):
+        battle = (await first.post("/api/arena/battles")).json()
+        assert (await answer(first, battle["id"], "a")).status_code == 200
+        assert (await answer(second, battle["id"], "b")).status_code == 200
+        voted = await second.post(
+            "/api/arena/votes", json={"battle_id": battle["id"], "winner": "b"}
+        )
+        again = await first.post(
+            "/api/arena/votes", json={"battle_id": battle["id"], "winner": "a"}
+        )
+        boards = [(await c.get("/api/v1/leaderboard")).json() for c in (first, second)]
+    assert voted.status_code == 200
+    assert error_of(again)["code"] == "battle_decided"
+    assert boards[0] == boards[1]
+    assert boards[0]["total_votes"] == 1
+    assert [e["model"] for e in boards[0]["data"]] == [
+        voted.json()["model_b"],
+        voted.json()["model_a"],
+    ]
+
+
+async def test_leaderboard_has_bradley_terry_intervals_and_mt_bench(tmp_path: Path) -> None:
+    async with arena(tmp_path) as (fleet, client):
+        for winner in ("a", "tie", "b", "a"):
+            battle = (await client.post("/api/arena/battles")).json()
+            for side in "ab":
+                await answer(client, battle["id"], side)
+            await client.post(
+                "/api/arena/votes", json={"battle_id": battle["id"], "winner": winner}
+            )
+        # The eval command records its scores through the same store.
+        async with await open_store(fleet.config.leaderboard_store_url) as store:
+            await store.record_mtbench(
+                [
+                    MTBenchScore(CHAT_MODEL, "judge-1", 3.5, 4, 1),
+                    MTBenchScore("only-evaluated", "judge-1", 6.0, 4, 0),
+                    MTBenchScore("nothing-rated", "judge-1", 0.0, 0, 4),
+                ]
+            )
+        response = await client.get("/api/v1/leaderboard")
+        legacy = (await client.get("/api/arena/leaderboard")).json()
+    assert response.status_code == 200
+    board = response.json()
+    assert board == legacy
+    assert (board["object"], board["total_votes"]) == ("leaderboard", 4)
+    voted, mt_only = board["data"][:2], board["data"][2:]
+    assert {e["model"] for e in voted} == {CHAT_MODEL, EMBED_MODEL}
+    for rank, entry in enumerate(voted, start=1):
+        assert entry["rank"] == rank
+        assert entry["votes"] == 4
+        assert entry["ci_lower"] <= entry["rating"] <= entry["ci_upper"]
+        assert entry["elo"] is not None
+    assert voted[0]["rating"] >= voted[1]["rating"]
+    assert voted[0]["rating"] + voted[1]["rating"] == pytest.approx(2000, abs=0.2)
+    chat = next(e for e in voted if e["model"] == CHAT_MODEL)
+    assert (chat["mt_bench"], chat["mt_bench_judge"]) == (3.5, "judge-1")
+    assert next(e for e in voted if e["model"] == EMBED_MODEL)["mt_bench"] is None
+    # A model with a score but no votes is listed, unranked; one with nothing rated is not.
+    assert [(e["model"], e["rank"], e["rating"], e["mt_bench"]) for e in mt_only] == [
+        ("only-evaluated", None, None, 6.0)
+    ]
+
+
+async def test_a_broken_store_is_503_not_a_crash(tmp_path: Path) -> None:
+    async with arena(tmp_path) as (_, client):
+        (tmp_path / "arena.sqlite3").write_bytes(b"not a database" * 100)
+        board = await client.get("/api/v1/leaderboard")
+        battle = await client.post("/api/arena/battles")
+    for response in (board, battle):
+        assert response.status_code == 503
+        # The client is not told which file (or database host) failed; the log says.
+        assert error_of(response)["message"] == (
+            "The leaderboard store is unavailable; try again later."
+        )
 
 
 async def test_a_lone_chat_model_faces_itself(tmp_path: Path) -> None:

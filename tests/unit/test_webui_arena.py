@@ -1,4 +1,5 @@
-"""The arena's core: picking pairs, the vote store in SQLite, and Elo ratings."""
+"""The arena's core: picking pairs, battles kept in the store (not in a gateway's memory), and the
+gateway's store flags."""
 
 from __future__ import annotations
 
@@ -8,24 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from services.gateway.arena import (
-    ELO_INITIAL,
-    ArenaStore,
-    BattleBook,
-    DuplicateVoteError,
-    Vote,
-    default_arena_db,
-    elo_ratings,
-    pick_pair,
-)
+from services.gateway.arena import Arena, default_arena_db, pick_pair
 from services.gateway.config import GatewayConfig, add_arguments
+from services.leaderboard.store import (
+    BattleDecidedError,
+    BattleNotFoundError,
+    BattleNotReadyError,
+    SQLiteStore,
+)
 
-
-def vote(a: str, b: str, winner: str, n: int = 0) -> Vote:
-    return Vote(f"battle-{a}-{b}-{n}", a, b, winner, 1000.0 + n)
-
-
-# --- pairs and battles -----------------------------------------------------------------------
+# --- pairs -----------------------------------------------------------------------------------
 
 
 def test_pick_pair_is_two_different_models_in_both_orders() -> None:
@@ -44,49 +37,42 @@ def test_pick_pair_needs_a_model() -> None:
         pick_pair([], random.Random(0))
 
 
-def test_battle_book_remembers_battles_up_to_its_capacity() -> None:
-    book = BattleBook(random.Random(1), capacity=2)
-    first, second, third = (book.start(["x", "y"]) for _ in range(3))
-    assert len(book) == 2
-    assert book.get(first.id) is None
-    assert book.get(second.id) is second
-    assert book.get(third.id) is third
-    assert {third.model_a, third.model_b} == {"x", "y"}
-    assert not third.self_match
-    assert book.start(["only"]).self_match
+# --- battles in the store --------------------------------------------------------------------
 
 
-# --- the store -------------------------------------------------------------------------------
-
-
-async def test_store_keeps_votes_in_order_across_instances(tmp_path: Path) -> None:
-    path = tmp_path / "nested" / "arena.sqlite3"
-    store = ArenaStore(path)
-    assert not path.exists()  # nothing is written before the first use
-    votes = [vote("x", "y", "a", 1), vote("y", "z", "tie", 2), vote("x", "z", "both_bad", 3)]
-    for v in votes:
-        await store.add(v)
-    assert await ArenaStore(path).votes() == votes
-
-
-async def test_store_refuses_a_second_vote_on_a_battle(tmp_path: Path) -> None:
-    store = ArenaStore(tmp_path / "arena.sqlite3")
-    await store.add(vote("x", "y", "a"))
-    with pytest.raises(DuplicateVoteError):
-        await store.add(vote("x", "y", "b"))
-    assert [v.winner for v in await store.votes()] == ["a"]
-
-
-async def test_store_refuses_an_unknown_winner(tmp_path: Path) -> None:
-    store = ArenaStore(tmp_path / "arena.sqlite3")
-    with pytest.raises(ValueError, match="winner must be one of"):
-        await store.add(vote("x", "y", "left"))
-
-
-async def test_empty_store_has_no_votes_and_reading_creates_no_file(tmp_path: Path) -> None:
+async def test_a_battle_started_by_one_arena_is_voted_through_another(tmp_path: Path) -> None:
+    """Two arenas on one store stand for two gateways (or one gateway before and after a
+    restart): neither keeps the battle in memory."""
     path = tmp_path / "arena.sqlite3"
-    assert await ArenaStore(path).votes() == []
-    assert not path.exists()
+    first, second = Arena(SQLiteStore(path), random.Random(1)), Arena(SQLiteStore(path))
+    battle = await first.start(["x", "y"])
+    assert {battle.model_a, battle.model_b} == {"x", "y"}
+    assert not battle.self_match
+    assert (await second.ask(battle.id, "a")).asked == {"a"}
+    with pytest.raises(BattleNotReadyError):
+        await second.vote(battle.id, "a")
+    assert (await first.ask(battle.id, "b")).asked == {"a", "b"}
+    vote = await second.vote(battle.id, "tie")
+    assert (vote.model_a, vote.model_b, vote.winner) == (battle.model_a, battle.model_b, "tie")
+    with pytest.raises(BattleDecidedError):
+        await first.vote(battle.id, "a")
+    with pytest.raises(BattleDecidedError):
+        await first.ask(battle.id, "a")
+    assert await first.store.votes() == [vote]
+
+
+async def test_a_lone_model_battle_is_a_self_match(tmp_path: Path) -> None:
+    battle = await Arena(SQLiteStore(tmp_path / "a.sqlite3")).start(["only"])
+    assert battle.self_match
+    assert battle.model("a") == battle.model("b") == "only"
+
+
+async def test_unknown_battles_are_not_found(tmp_path: Path) -> None:
+    arena = Arena(SQLiteStore(tmp_path / "a.sqlite3"))
+    with pytest.raises(BattleNotFoundError):
+        await arena.ask("nope", "a")
+    with pytest.raises(BattleNotFoundError):
+        await arena.vote("nope", "a")
 
 
 def test_default_path_is_in_the_user_data_dir() -> None:
@@ -95,53 +81,7 @@ def test_default_path_is_in_the_user_data_dir() -> None:
     assert default_arena_db({}) == "chatfleet-arena.sqlite3"
 
 
-# --- Elo -------------------------------------------------------------------------------------
-
-
-def test_one_win_moves_both_ratings_by_half_k() -> None:
-    board = elo_ratings([vote("x", "y", "a")], k=32)
-    assert [(r.model, r.rating, r.votes, r.wins, r.losses) for r in board] == [
-        ("x", ELO_INITIAL + 16, 1, 1, 0),
-        ("y", ELO_INITIAL - 16, 1, 0, 1),
-    ]
-
-
-def test_elo_is_deterministic_and_order_dependent() -> None:
-    votes = [vote("x", "y", "a", 1), vote("x", "y", "b", 2)]
-    board = {r.model: r for r in elo_ratings(votes, k=32)}
-    # Win for x at equal ratings (+16), then loss for x when expected to win: x ends below y.
-    expected = 16 + 32 * (0 - 1 / (1 + 10 ** (-32 / 400)))
-    assert board["x"].rating == pytest.approx(ELO_INITIAL + expected)
-    assert board["y"].rating == pytest.approx(ELO_INITIAL - expected)
-    assert board["x"].rating < board["y"].rating
-    assert elo_ratings(votes, k=32) == elo_ratings(votes, k=32)
-
-
-def test_ties_and_both_bad_count_as_ties() -> None:
-    board = {r.model: r for r in elo_ratings([vote("x", "y", "tie"), vote("y", "x", "both_bad")])}
-    assert board["x"].rating == pytest.approx(ELO_INITIAL)
-    assert (board["x"].ties, board["y"].ties) == (2, 2)
-    assert (board["x"].votes, board["x"].wins, board["x"].losses) == (2, 0, 0)
-
-
-def test_self_match_counts_the_vote_but_moves_nothing() -> None:
-    [solo] = elo_ratings([vote("solo", "solo", "a"), vote("solo", "solo", "tie", 2)])
-    assert (solo.model, solo.rating, solo.votes, solo.wins, solo.losses, solo.ties) == (
-        "solo",
-        ELO_INITIAL,
-        2,
-        0,
-        0,
-        0,
-    )
-
-
-def test_leaderboard_is_sorted_best_first_then_by_name() -> None:
-    votes = [vote("b", "c", "a"), vote("a", "d", "tie")]
-    assert [r.model for r in elo_ratings(votes)] == ["b", "a", "d", "c"]
-
-
-# --- the gateway flag ------------------------------------------------------------------------
+# --- the gateway flags -----------------------------------------------------------------------
 
 
 def _config(argv: list[str], environ: dict[str, str]) -> GatewayConfig:
@@ -155,5 +95,32 @@ def test_arena_db_flag_env_and_default() -> None:
     assert _config([], {"CHATFLEET_ARENA_DB": "/env.sqlite3"}).arena_db == "/env.sqlite3"
     flag = _config(["--arena-db", "/flag.sqlite3"], {"CHATFLEET_ARENA_DB": "/env.sqlite3"})
     assert flag.arena_db == "/flag.sqlite3"
+    assert flag.leaderboard_store_url == "/flag.sqlite3"
     with pytest.raises(ValueError, match="--arena-db"):
         _config(["--arena-db", ""], {})
+
+
+def test_leaderboard_url_flag_env_and_fallback() -> None:
+    pg = "postgresql://chatfleet:secret@db:5432/chatfleet"
+    from_env = _config(["--arena-db", "/a.sqlite3"], {"CHATFLEET_LEADERBOARD_URL": pg})
+    assert from_env.leaderboard_store_url == pg
+    flag = _config(["--leaderboard-url", "sqlite:///srv/lb.sqlite3"], {})
+    assert flag.leaderboard_store_url == "sqlite:///srv/lb.sqlite3"
+    # Empty (an optional Kubernetes Secret that is missing) falls back to --arena-db.
+    empty = _config(["--arena-db", "/a.sqlite3"], {"CHATFLEET_LEADERBOARD_URL": ""})
+    assert empty.leaderboard_store_url == "/a.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://db/x", "unknown leaderboard URL scheme 'mysql'"),
+        ("sqlite://", "names no SQLite file"),
+        ("postgresql://u:hunter2@db:notaport/x", "bad PostgreSQL URL"),
+    ],
+)
+def test_a_bad_leaderboard_url_fails_at_start_up_clearly(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match="--leaderboard-url") as caught:
+        _config(["--leaderboard-url", url], {})
+    assert message in str(caught.value)
+    assert "hunter2" not in str(caught.value)

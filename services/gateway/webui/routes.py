@@ -1,5 +1,6 @@
-"""Routes of the web UI: the page and its assets (open, like /health) and the JSON API behind the
-arena (behind the API key, like the OpenAI routes).
+"""Routes of the web UI: the page and its assets (open, like /health), the JSON API behind the
+arena and the leaderboard, also at GET /api/v1/leaderboard (behind the API key, like the OpenAI
+routes).
 
 Arena answers stream through the gateway's own chat handler, so the browser never learns which
 model stands behind side "a" or "b" until it has voted: the model names in every chunk and error
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,16 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from chatfleet.v1 import common_pb2
 from services.common.errors import ChatfleetError
-from services.gateway.arena import (
-    ArenaStore,
-    Battle,
-    BattleBook,
-    DuplicateVoteError,
-    Side,
-    Vote,
-    Winner,
-    elo_ratings,
-)
+from services.gateway.arena import Arena
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import APIError, from_validation_errors, to_api_error
 from services.gateway.protocol import (
@@ -45,6 +36,17 @@ from services.gateway.protocol import (
     StreamOptions,
 )
 from services.gateway.serving import EventStream, OpenAIServing, RequestContext
+from services.leaderboard.board import Board, Leaderboard
+from services.leaderboard.store import (
+    Battle,
+    BattleDecidedError,
+    BattleNotFoundError,
+    BattleNotReadyError,
+    Side,
+    StoreUnavailableError,
+    Winner,
+    open_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,19 +106,58 @@ class VoteResponse(BaseModel):
 
 
 class LeaderboardEntry(BaseModel):
-    rank: int
+    """One model. Arena fields are null for a model with an MT-bench score but no votes."""
+
+    # Rank by arena rating; models without votes have none.
+    rank: int | None
     model: str
-    rating: float
+    # Bradley-Terry rating (Elo scale) and its bootstrap 95% interval.
+    rating: float | None
+    ci_lower: float | None
+    ci_upper: float | None
+    # Online Elo over the votes in order (what the leaderboard showed before).
+    elo: float | None
     votes: int
     wins: int
     losses: int
     ties: int
+    # Mean MT-bench single-answer score (1-10) and the judge that gave it.
+    mt_bench: float | None
+    mt_bench_judge: str | None
 
 
-class Leaderboard(BaseModel):
-    object: Literal["arena.leaderboard"] = "arena.leaderboard"
+class LeaderboardResponse(BaseModel):
+    object: Literal["leaderboard"] = "leaderboard"
     total_votes: int
+    bootstrap_rounds: int
     data: list[LeaderboardEntry]
+
+    @classmethod
+    def of(cls, board: Board) -> LeaderboardResponse:
+        def points(value: float | None) -> float | None:
+            return None if value is None else round(value, 1)
+
+        return cls(
+            total_votes=board.total_votes,
+            bootstrap_rounds=board.bootstrap_rounds,
+            data=[
+                LeaderboardEntry(
+                    rank=e.rank,
+                    model=e.model,
+                    rating=points(e.rating),
+                    ci_lower=points(e.ci_lower),
+                    ci_upper=points(e.ci_upper),
+                    elo=points(e.elo),
+                    votes=e.votes,
+                    wins=e.wins,
+                    losses=e.losses,
+                    ties=e.ties,
+                    mt_bench=None if e.mt_bench is None else round(e.mt_bench.score, 2),
+                    mt_bench_judge=None if e.mt_bench is None else e.mt_bench.judge,
+                )
+                for e in board.entries
+            ],
+        )
 
 
 class UIModel(BaseModel):
@@ -236,8 +277,9 @@ class WebUIRoutes:
         return serving
 
     @staticmethod
-    def _arena(request: Request) -> tuple[BattleBook, ArenaStore]:
-        return request.app.state.arena_battles, request.app.state.arena_store
+    def _arena(request: Request) -> Arena:
+        arena: Arena = request.app.state.arena
+        return arena
 
     async def index(self, request: Request) -> Response:
         # no-cache: the page is revalidated (cheaply, by ETag) so an upgrade shows at once.
@@ -277,27 +319,21 @@ class WebUIRoutes:
                 "server_error",
                 code="service_unavailable",
             )
-        battles, _ = self._arena(request)
-        battle = battles.start(names)
+        battle = await self._arena(request).start(names)
         logger.info("arena battle %s started", battle.id)
         return _json(
             BattleResponse(id=battle.id, created=int(battle.created), self_match=battle.self_match),
             status_code=201,
         )
 
-    def _open_battle(self, request: Request, battle_id: str) -> Battle:
-        battles, _ = self._arena(request)
-        battle = battles.get(battle_id)
-        if battle is None:
-            raise _battle_not_found(battle_id)
-        if battle.winner is not None:
-            raise _already_voted()
-        return battle
-
     async def battle_completion(self, request: Request, battle_id: str) -> Response:
         body = await _parse(request, ArenaCompletionRequest)
-        battle = self._open_battle(request, battle_id)
-        battle.asked.add(body.side)
+        try:
+            battle: Battle = await self._arena(request).ask(battle_id, body.side)
+        except BattleNotFoundError:
+            raise _battle_not_found(battle_id) from None
+        except BattleDecidedError:
+            raise _already_voted() from None
         name, label = battle.model(body.side), _SIDE_LABELS[body.side]
         chat = ChatCompletionRequest(
             model=name,
@@ -326,67 +362,55 @@ class WebUIRoutes:
 
     async def vote(self, request: Request) -> Response:
         body = await _parse(request, VoteRequest)
-        battle = self._open_battle(request, body.battle_id)
-        if battle.asked != {"a", "b"}:
+        # One atomic write in the store: two votes racing on a battle, through this gateway or
+        # another, cannot both count.
+        try:
+            vote = await self._arena(request).vote(body.battle_id, body.winner)
+        except BattleNotFoundError:
+            raise _battle_not_found(body.battle_id) from None
+        except BattleDecidedError:
+            raise _already_voted() from None
+        except BattleNotReadyError:
             raise APIError(
                 400,
                 "Both models must be asked to answer before a vote.",
                 "invalid_request_error",
                 "battle_id",
-            )
-        _, store = self._arena(request)
-        # Marked before the write so that two votes racing on one battle cannot both be stored.
-        battle.winner = body.winner
-        try:
-            await store.add(
-                Vote(battle.id, battle.model_a, battle.model_b, body.winner, time.time())
-            )
-        except DuplicateVoteError:
-            raise _already_voted() from None
-        except BaseException:
-            battle.winner = None
-            raise
-        logger.info("arena battle %s: vote %s", battle.id, body.winner)
+            ) from None
+        logger.info("arena battle %s: vote %s", vote.battle_id, vote.winner)
         return _json(
             VoteResponse(
-                battle_id=battle.id,
-                winner=body.winner,
-                model_a=battle.model_a,
-                model_b=battle.model_b,
+                battle_id=vote.battle_id,
+                winner=vote.winner,
+                model_a=vote.model_a,
+                model_b=vote.model_b,
             )
         )
 
     async def leaderboard(self, request: Request) -> Response:
-        _, store = self._arena(request)
-        votes = await store.votes()
-        ratings = elo_ratings(votes)
-        return _json(
-            Leaderboard(
-                total_votes=len(votes),
-                data=[
-                    LeaderboardEntry(
-                        rank=rank,
-                        model=r.model,
-                        rating=round(r.rating, 1),
-                        votes=r.votes,
-                        wins=r.wins,
-                        losses=r.losses,
-                        ties=r.ties,
-                    )
-                    for rank, r in enumerate(ratings, start=1)
-                ],
-            )
-        )
+        """Arena ratings (Bradley-Terry with bootstrap intervals, online Elo) and MT-bench scores
+        from the shared store."""
+        board: Leaderboard = request.app.state.leaderboard
+        return _json(LeaderboardResponse.of(await board.board()))
 
 
 def _router(routes: WebUIRoutes) -> APIRouter:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config: GatewayConfig = app.state.config
-        app.state.arena_battles = BattleBook(random.Random())
-        app.state.arena_store = ArenaStore(config.arena_db)
-        logger.info("arena votes are kept in %s", config.arena_db)
-        yield
+        # A PostgreSQL store that cannot be reached stops the start-up here, saying why.
+        try:
+            store = await open_store(config.leaderboard_store_url)
+        except StoreUnavailableError as error:
+            logger.error("the gateway cannot start: %s", error)
+            raise
+        app.state.arena = Arena(store, random.Random())
+        app.state.leaderboard = Leaderboard(store)
+        logger.info("arena battles and votes are kept in the %s", store.description)
+        try:
+            yield
+        finally:
+            await store.close()
 
     router = APIRouter(lifespan=lifespan)
     endpoints: list[tuple[str, Callable[..., Awaitable[Response]], str]] = [
@@ -396,9 +420,17 @@ def _router(routes: WebUIRoutes) -> APIRouter:
         ("/api/arena/battles/{battle_id}/completions", routes.battle_completion, "POST"),
         ("/api/arena/votes", routes.vote, "POST"),
         ("/api/arena/leaderboard", routes.leaderboard, "GET"),
+        ("/api/v1/leaderboard", routes.leaderboard, "GET"),
     ]
     for path, endpoint, method in endpoints:
-        router.add_api_route(path, endpoint, methods=[method], include_in_schema=path != "/")
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=[method],
+            include_in_schema=path != "/",
+            # Documents the leaderboard's JSON in /openapi.json (the handler builds it itself).
+            response_model=LeaderboardResponse if endpoint == routes.leaderboard else None,
+        )
     return router
 
 

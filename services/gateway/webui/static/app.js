@@ -522,24 +522,44 @@
 
   // --- leaderboard ------------------------------------------------------------------------
 
+  // "+12/-9": how far the 95% interval reaches above and below the rating.
+  function interval(entry) {
+    if (entry.rating === null) return "—";
+    return `+${Math.round(entry.ci_upper - entry.rating)}/-${Math.round(entry.rating - entry.ci_lower)}`;
+  }
+
   async function loadLeaderboard() {
     const rows = $("leaderboard-rows");
     try {
-      const board = await (await api("/api/arena/leaderboard")).json();
+      const board = await (await api("/api/v1/leaderboard")).json();
       $("leaderboard-summary").textContent =
-        `Elo ratings from ${board.total_votes} vote${board.total_votes === 1 ? "" : "s"} in the arena.`;
+        `Bradley-Terry ratings from ${board.total_votes} vote${board.total_votes === 1 ? "" : "s"} in the arena, ` +
+        "with 95% bootstrap intervals, and MT-bench scores.";
       if (!board.data.length) {
-        rows.innerHTML = '<tr><td class="empty-row" colspan="7">No votes yet: play a round in the Arena.</td></tr>';
+        rows.innerHTML = '<tr><td class="empty-row" colspan="9">No votes yet: play a round in the Arena.</td></tr>';
         return;
       }
+      const dash = (value, show) => (value === null ? "—" : show(value));
       rows.replaceChildren(
         ...board.data.map((entry) => {
           const row = document.createElement("tr");
-          for (const value of [entry.rank, entry.model, Math.round(entry.rating), entry.votes, entry.wins, entry.ties, entry.losses]) {
+          const cells = [
+            dash(entry.rank, String),
+            entry.model,
+            dash(entry.rating, (r) => String(Math.round(r))),
+            interval(entry),
+            entry.votes,
+            entry.wins,
+            entry.ties,
+            entry.losses,
+            dash(entry.mt_bench, (score) => score.toFixed(2)),
+          ];
+          for (const value of cells) {
             const cell = document.createElement("td");
             cell.textContent = String(value);
             row.appendChild(cell);
           }
+          if (entry.mt_bench_judge) row.lastChild.title = `judged by ${entry.mt_bench_judge}`;
           return row;
         }),
       );
