@@ -493,10 +493,16 @@ class HealthStatus(BaseModel):
     status: Literal["ok", "unavailable"]
 
 
+class PromptTokensDetails(BaseModel):
+    # Prompt tokens whose keys and values came from the worker's prefix cache.
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class ModelCard(BaseModel):

@@ -45,6 +45,7 @@ from services.gateway.responses_protocol import (
     IncompleteDetails,
     InputMessageItem,
     InputTextPart,
+    InputTokensDetails,
     ItemStatus,
     OutputFunctionCall,
     OutputItem,
@@ -427,6 +428,7 @@ class _OutputBuilder:
     items: list[OutputItem] = field(default_factory=list)
     finish: int = worker_pb2.FINISH_REASON_UNSPECIFIED
     input_tokens: int = 0
+    cached_tokens: int = 0
     output_tokens: int = 0
     _open: _OpenItem | None = None
 
@@ -441,6 +443,7 @@ class _OutputBuilder:
         if message.finish_reason:
             self.finish = message.finish_reason
             self.input_tokens = message.usage.prompt_tokens
+            self.cached_tokens = message.cached_prompt_tokens
             self.output_tokens = message.usage.completion_tokens
         return events
 
@@ -469,6 +472,7 @@ class _OutputBuilder:
             output=list(self.items),
             usage=ResponsesUsage(
                 input_tokens=self.input_tokens,
+                input_tokens_details=InputTokensDetails(cached_tokens=self.cached_tokens),
                 output_tokens=self.output_tokens,
                 total_tokens=self.input_tokens + self.output_tokens,
             ),

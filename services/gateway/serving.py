@@ -65,6 +65,7 @@ from services.gateway.protocol import (
     EmbeddingUsage,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     SamplingExtras,
     UsageInfo,
 )
@@ -659,6 +660,7 @@ class _Choice:
     logprobs: list[worker_pb2.TokenLogprob] = field(default_factory=list)
     finish: int = worker_pb2.FINISH_REASON_UNSPECIFIED
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
     text_length: int = 0
 
@@ -674,6 +676,7 @@ class _Choice:
         if message.finish_reason:
             self.finish = message.finish_reason
             self.prompt_tokens = message.usage.prompt_tokens
+            self.cached_tokens = message.cached_prompt_tokens
             self.completion_tokens = message.usage.completion_tokens
         self.reasoning_parts.append(message.reasoning_text)
         return self.tool_calls.add(message.tool_calls)
@@ -717,6 +720,9 @@ def _usage(choices: Sequence[_Choice], *, prompts: Sequence[_Choice]) -> UsageIn
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=sum(choice.cached_tokens for choice in prompts)
+        ),
     )
 
 

@@ -48,6 +48,7 @@ class WorkerConfig:
     max_batch_tokens: int = EngineOptions.max_batch_tokens
     kv_cache_tokens: int = EngineOptions.kv_cache_tokens
     packed: bool = EngineOptions.packed
+    prefix_caching: bool = EngineOptions.prefix_caching
     quantization: str = EngineOptions.quantization
     # Run the models in a child process of their own (with every core for torch), so the gRPC
     # server never takes the engine's GIL or time slices; False keeps them in this process.
@@ -114,10 +115,11 @@ class WorkerConfig:
                 f"--quantization must be one of {', '.join(QUANTIZATIONS)}, "
                 f"got {self.quantization!r}"
             )
-        if self.quantization == "int8" and self.device not in ("auto", "cpu"):
+        if self.quantization in ("int8", "bf16") and self.device not in ("auto", "cpu"):
             raise ValueError(
-                f"--load-8bit (--quantization int8): int8 weights run on the CPU only, not on "
-                f"{self.device}; use --device cpu or drop the flag"
+                f"--quantization {self.quantization} (or --load-8bit): {self.quantization} "
+                f"weights run on the CPU only, not on {self.device}; use --device cpu or drop "
+                "the flag"
             )
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
@@ -158,6 +160,7 @@ class WorkerConfig:
             max_batch_tokens=self.max_batch_tokens,
             kv_cache_tokens=self.kv_cache_tokens,
             packed=self.packed,
+            prefix_caching=self.prefix_caching,
             quantization=self.quantization,
         )
 
@@ -190,6 +193,7 @@ class WorkerConfig:
             max_batch_tokens=ns.max_batch_tokens,
             kv_cache_tokens=ns.kv_cache_tokens,
             packed=ns.packed,
+            prefix_caching=ns.prefix_caching,
             quantization=ns.quantization,
             engine_process=ns.engine_process,
             engine_replicas=ns.engine_replicas or None,
@@ -364,9 +368,15 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         "--quantization",
         default=defaults.quantization,
         choices=QUANTIZATIONS,
-        help="int8: int8 weights and per-token int8 activations in linear layers (CPU only; "
-        "batch-invariant; a speed-up only on CPUs with VNNI or AMX int8 instructions); auto: "
-        "int8 for generative models on such a CPU, none elsewhere",
+        help="weights of the linear layers (CPU only; in every mode a layer computes each row "
+        "independently of the batch). none: "
+        "float32 (exact: greedy output equals float32 generate); int8 (approximate: differs from "
+        "float32 generate): int8 weights and per-token int8 activations, a speed-up only with "
+        "VNNI or AMX int8 instructions; bf16 (approximate: differs from float32 generate): "
+        "bfloat16 weights pre-packed for oneDNN, a speed-up with AMX; auto: for "
+        "generative models, bf16 on CPUs with AMX-BF16, else int8 on CPUs with VNNI, else none; "
+        "the worker logs the mode it resolved to. The default, none, keeps greedy output "
+        "independent of the batch",
     )
     parser.add_argument(
         "--load-8bit",
@@ -425,6 +435,14 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         default=defaults.packed,
         help="batch all running requests in one packed forward (Llama-family models); "
         "--no-packed forwards each request alone",
+    )
+    flags.add_bool(
+        "--prefix-caching",
+        default=defaults.prefix_caching,
+        help="reuse the keys and values of prompt prefixes earlier requests computed (a chat's "
+        "earlier turns, a shared system prompt) within --kv-cache-tokens, least recently used "
+        "evicted first; exact: answers do not change (packed runner only)",
+        env="CHATFLEET_PREFIX_CACHING",
     )
     flags.add(
         "--heartbeat-interval",

@@ -286,6 +286,7 @@ def to_generate_response(chunk: GenerationChunk) -> worker_pb2.GenerateResponse:
                 prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens
             )
         )
+        response.cached_prompt_tokens = chunk.cached_prompt_tokens
     return response
 
 

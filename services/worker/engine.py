@@ -165,6 +165,8 @@ class GenerationChunk:
     # Set by engines on a request's first chunk when the rendered prompt leaves a reasoning block
     # open (prompts.EncodedPrompt.reasoning_open): the output then starts inside it.
     reasoning_open: bool = False
+    # On the last chunk: prompt tokens whose keys and values came from the prefix cache.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,10 @@ class EngineStats:
     # overall (forward, masks, sampling): their ratio is the masks' share of the step.
     structured_mask_seconds: float = 0.0
     step_seconds: float = 0.0
+    # Prefix cache: tokens looked up in it (every admission, a resumed preemption included) and
+    # tokens whose keys and values were found there instead of computed.
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
 
 
 class Engine(abc.ABC):

@@ -33,6 +33,7 @@ import os
 import pickle
 import signal
 import threading
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,13 +42,16 @@ from services.common.errors import UnavailableError
 from services.common.logs import configure_logging, logging_settings
 from services.common.request_id import bound_request_id, current_request_id
 from services.worker.engine import (
+    ChatMessage,
     ChatPrompt,
+    Conversation,
     Engine,
     EngineStats,
     GenerationChunk,
     GenerationRequest,
     LoadInfo,
     ModelDescription,
+    Prompt,
 )
 from services.worker.loading import EngineOptions, ModelSpec, plan_load, usable_cores
 
@@ -377,10 +381,12 @@ class ProcessEngine(Engine):
             preemptions=sum(r.preemptions for r in known),
             structured_mask_seconds=sum(r.structured_mask_seconds for r in known),
             step_seconds=sum(r.step_seconds for r in known),
+            prefix_cache_queried_tokens=sum(r.prefix_cache_queried_tokens for r in known),
+            prefix_cache_hit_tokens=sum(r.prefix_cache_hit_tokens for r in known),
         )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        return self._pick().stream(self._index, request)
+        return self._pick(prefix_key(request.prompt)).stream(self._index, request)
 
     async def tokenize(self, prompt: str | ChatPrompt) -> list[int]:
         result: list[int] = await self._pick().call("tokenize", self._index, prompt)
@@ -392,12 +398,45 @@ class ProcessEngine(Engine):
         )
         return result
 
-    def _pick(self) -> EngineProcess:
-        """The replica with the fewest generations in flight; ties go round in turn."""
+    def _pick(self, key: int | None = None) -> EngineProcess:
+        """The replica with the fewest generations in flight; ties go round in turn. With a
+        prefix `key`, the replica the key maps to while it is at most AFFINITY_SLACK generations
+        busier than the least busy one: each replica has its own prefix cache, so the turns of a
+        conversation should keep meeting the replica that holds its history."""
         turn = next(self._turn)
         count = len(self._processes)
         order = [self._processes[(turn + i) % count] for i in range(count)]
-        return min(order, key=lambda p: p.active_generations(self._index))
+        least = min(order, key=lambda p: p.active_generations(self._index))
+        if key is None or count == 1:
+            return least
+        preferred = self._processes[key % count]
+        slack = preferred.active_generations(self._index) - least.active_generations(self._index)
+        return preferred if slack <= AFFINITY_SLACK else least
+
+
+# How many more generations in flight the replica holding a prompt's prefix may have than the
+# least busy one before the prompt goes elsewhere (and is prefilled from scratch there).
+AFFINITY_SLACK = 1
+# What identifies a prompt's prefix for routing: the first messages of a conversation (the system
+# prompt and the first question stay while the history grows), the start of a text or of token ids.
+_PREFIX_MESSAGES, _PREFIX_CHARS, _PREFIX_IDS = 2, 256, 64
+
+
+def prefix_key(prompt: Prompt) -> int | None:
+    """A stable key of the prompt's beginning, for routing it to the replica that has probably
+    cached it; None when the prompt has nothing to key on."""
+    if isinstance(prompt, str):
+        head = prompt[:_PREFIX_CHARS]
+    elif isinstance(prompt, Conversation) or (prompt and isinstance(prompt[0], ChatMessage)):
+        messages = prompt.messages if isinstance(prompt, Conversation) else prompt
+        head = "\x1e".join(
+            f"{m.role}\x1f{m.content}"
+            for m in list(messages)[:_PREFIX_MESSAGES]
+            if isinstance(m, ChatMessage)
+        )
+    else:
+        head = ",".join(str(t) for t in list(prompt)[:_PREFIX_IDS])
+    return zlib.crc32(head.encode("utf-8", "surrogatepass")) if head else None
 
 
 async def _stop_quietly(process: EngineProcess, index: int) -> None:

@@ -126,6 +126,10 @@ class SequenceState:
     # The prompt leaves a reasoning block open: said on the first chunk, for output parsing.
     reasoning_open: bool = False
     sent_any: bool = False
+    # Prompt tokens the prefix cache supplied (reported on the last chunk), and whether the
+    # cache was asked since the sequence last lost its cache row.
+    cached_prompt_tokens: int = 0
+    prefix_checked: bool = False
 
     @property
     def scoring_prompt(self) -> bool:
@@ -153,6 +157,7 @@ class SequenceState:
         chunk.finish_reason = reason
         chunk.prompt_tokens = len(self.prompt_ids)
         chunk.completion_tokens = len(self.output_ids)
+        chunk.cached_prompt_tokens = self.cached_prompt_tokens
         chunk.stop_reason = stop_reason
         self.finished = True
         return chunk
@@ -180,6 +185,8 @@ class _Counters:
     generation_tokens: int = 0
     preemptions: int = 0
     step_seconds: float = 0.0  # engine steps (forward, masks, sampling), wall time
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
 
 class EngineState(enum.Enum):
@@ -488,6 +495,8 @@ class HFEngine(Engine):
                 masker.seconds - self._mask_seconds_at_start if masker is not None else 0.0
             ),
             step_seconds=counters.step_seconds,
+            prefix_cache_queried_tokens=counters.prefix_queried_tokens,
+            prefix_cache_hit_tokens=counters.prefix_hit_tokens,
         )
 
     @property
@@ -726,10 +735,20 @@ class HFEngine(Engine):
         if self._plan.kind is ModelKind.CAUSAL_LM:
             options = self._options
             self._runner = (
-                create_runner(loaded.model, options.max_running, options.kv_cache_tokens)
+                create_runner(
+                    loaded.model,
+                    options.max_running,
+                    options.kv_cache_tokens,
+                    prefix_caching=options.prefix_caching,
+                )
                 if options.packed
                 else HFRunner(loaded.model, options.max_running, options.kv_cache_tokens)
             )
+            if options.prefix_caching and not self._runner.prefix_caching:
+                logger.info(
+                    "%s: prefix caching is off: the per-sequence runner has no prefix cache",
+                    self._plan.names[0],
+                )
             # One sequence must always fit the KV cache on its own.
             budget = options.kv_cache_tokens // CAPACITY_QUANTUM * CAPACITY_QUANTUM
             if loaded.context_length > budget:
@@ -801,6 +820,7 @@ class HFEngine(Engine):
             victim = running.pop()
             runner.release(victim)
             victim.computed = 0
+            victim.prefix_checked = False
             self._scheduler.preempt(victim)
             self._counters.preemptions += 1
             # This thread has no request context: the record names its request itself.
@@ -809,6 +829,8 @@ class HFEngine(Engine):
                 victim.request_id,
                 extra={"request_id": victim.request_id},
             )
+        if runner.prefix_caching:
+            self._reuse_prefixes(running)
         budget = self._options.max_batch_tokens
         decoding = [seq for seq in running if seq.computed == seq.length - 1]
         joining = [seq for seq in running if seq.computed < seq.length - 1]
@@ -866,6 +888,24 @@ class HFEngine(Engine):
                 self._scheduler.retire(seq)
                 runner.release(seq)
         self._deliver(deliveries)
+
+    def _reuse_prefixes(self, running: list[SequenceState]) -> None:
+        """Sequences without a cache row start from the longest prefix of their tokens the
+        prefix cache holds (a preempted one usually finds its own)."""
+        runner = self._runner
+        assert runner is not None
+        counters = self._counters
+        for seq in running:
+            # Scoring the prompt needs every position's logits: nothing can be skipped.
+            if seq.computed or seq.prefix_checked or seq.scoring_prompt:
+                continue
+            seq.prefix_checked = True
+            tokens = seq.prompt_ids + seq.output_ids
+            seq.computed = runner.reuse_prefix(seq, tokens)
+            counters.prefix_queried_tokens += len(tokens)
+            counters.prefix_hit_tokens += seq.computed
+            if not seq.output_ids:
+                seq.cached_prompt_tokens = seq.computed
 
     def _score_prompt(self, seq: SequenceState, item: ForwardItem, logits: torch.Tensor) -> None:
         """Record the prompt logprobs these rows give: the row at position p scores prompt token

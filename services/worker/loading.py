@@ -34,7 +34,13 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # plus cuda:N
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # names of torch dtypes, plus auto
-QUANTIZATIONS = ("auto", "none", "int8")
+QUANTIZATIONS = ("auto", "none", "int8", "bf16")
+# What each resolved mode means for the output, for logs and --help: only none is exact.
+QUANTIZATION_EXACTNESS = {
+    "none": "exact: greedy output equals float32 generate",
+    "int8": "approximate: differs from float32 generate",
+    "bf16": "approximate: differs from float32 generate",
+}
 # A config may claim 128k positions; a KV cache that long per request does not fit a worker's memory
 # budget, so the served context is capped. Models without any position limit get the fallback.
 MAX_CONTEXT_LENGTH = 32_768
@@ -75,13 +81,21 @@ class EngineOptions:
     kv_cache_tokens: int = 65_536
     # The packed batched runner for Llama-family models; False forces the per-sequence path.
     packed: bool = True
-    # int8: int8 weights and per-token int8 activations in every linear layer (CPU only): a
-    # quarter of the weight bytes per step, which is what bounds decoding on a CPU.
-    # auto: int8 for generative models on a CPU with int8 dot-product instructions (VNNI, AMX),
-    # none elsewhere (without them int8 is slower: quantization.py). The default is none: int8
-    # rounding amplifies the last-bit differences between batched and lone attention, so greedy
-    # output is no longer token-for-token that of model.generate alone (measured on SmolLM2).
+    # Linear layers with smaller weights (quantization.py; CPU only), each row independent of
+    # the batch, and approximate (greedy output drifts from float32 generate after some tokens;
+    # their rounding also amplifies the runner's last-bit batch effects: bench/README.md):
+    # int8: int8 weights and per-token int8 activations, a quarter of the float32 bytes;
+    # bf16: bfloat16 weights pre-packed for oneDNN (AMX), half the bytes, faster than int8 on AMX.
+    # auto: for generative models on a CPU, bf16 where it has AMX-BF16, else int8 where it has
+    # int8 dot products (VNNI, AMX-INT8), else none (int8 is slower without them).
+    # The default stays none, exact: on the default model bf16 and int8 rounding turn the decode
+    # attention's last-bit batch effects into different tokens, so a request's greedy output would
+    # depend on what else is in the batch (bench/README.md). auto becomes the default once decode
+    # attention is batch-invariant. The worker logs the mode it resolved to and whether it is exact.
     quantization: str = "none"
+    # Reuse the keys and values of prompt prefixes earlier requests computed (runner.py; the
+    # packed runner only), inside the kv_cache_tokens budget. Exact: greedy output is the same.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
@@ -171,9 +185,16 @@ class LoadPlan:
         auto_class = AutoModelForCausalLM if self.kind is ModelKind.CAUSAL_LM else AutoModel
         model = _from_pretrained(auto_class, self.source, self.device, self.dtype)
         model.eval()
+        requested = quantization
         quantization = resolve_quantization(quantization, self.device, self.kind)
-        if quantization == "int8":
-            model = _quantize_int8(model, self.device)
+        logger.info(
+            "quantization %s (requested %s): %s",
+            quantization,
+            requested,
+            QUANTIZATION_EXACTNESS[quantization],
+        )
+        if quantization != "none":
+            model = _quantize(model, self.device, quantization)
         config = model.config
         context_length = self.context_length or context_length_of(
             config, self.kind, self.source, tokenizer
@@ -429,21 +450,38 @@ def resolve_quantization(
     kind: ModelKind,
     cpu_features: Mapping[str, object] | None = None,
 ) -> str:
-    """auto -> int8 for generative models on a CPU with int8 dot-product instructions, else
-    none. An explicit int8 is kept, with a warning where it runs slower than full precision."""
-    from services.worker.quantization import INT8_DOT_FEATURES, int8_matmul_is_fast
+    """auto -> for generative models on a CPU: bf16 with AMX-BF16, else int8 with int8
+    dot-product instructions, else none; none off the CPU and for encoders (embeddings stay
+    full precision). An explicit int8 or bf16 is kept, with a warning where it runs slower than
+    full precision."""
+    from services.worker.quantization import (
+        BF16_MATMUL_FEATURES,
+        INT8_DOT_FEATURES,
+        bf16_matmul_is_fast,
+        int8_matmul_is_fast,
+    )
 
     on_cpu = device.type == "cpu"
     if requested == "auto":
         if not on_cpu or kind is not ModelKind.CAUSAL_LM:
             return "none"
+        # Measured on an AMX CPU (bench/linear_kernels.py, bench/README.md): bf16 beats int8 at
+        # every batch size and is closer to float32.
+        if bf16_matmul_is_fast(cpu_features):
+            return "bf16"
         if int8_matmul_is_fast(cpu_features):
             return "int8"
         logger.info(
-            "quantization auto: none, this CPU has none of %s (int8 would be slower)",
-            ", ".join(INT8_DOT_FEATURES),
+            "quantization auto: none, this CPU has none of %s (int8 and bf16 would be slower)",
+            ", ".join(INT8_DOT_FEATURES + BF16_MATMUL_FEATURES),
         )
         return "none"
+    if requested == "bf16" and on_cpu and not bf16_matmul_is_fast(cpu_features):
+        logger.warning(
+            "--quantization bf16 on a CPU without %s: bfloat16 products may be slower than "
+            "full precision here",
+            ", ".join(BF16_MATMUL_FEATURES),
+        )
     if requested == "int8" and on_cpu and not int8_matmul_is_fast(cpu_features):
         logger.warning(
             "--quantization int8 on a CPU without int8 dot-product instructions (%s): int8 "
@@ -453,13 +491,13 @@ def resolve_quantization(
     return requested
 
 
-def _quantize_int8(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
-    """Batch-invariant int8 linear layers (services.worker.quantization): CPU only for now."""
-    from services.worker.quantization import quantize_int8
+def _quantize(model: PreTrainedModel, device: torch.device, mode: str) -> PreTrainedModel:
+    """Batch-invariant int8 or bf16 linear layers (services.worker.quantization): CPU only."""
+    from services.worker.quantization import quantize
 
     if device.type != "cpu":
-        raise ValueError(f"int8 quantization runs on the CPU only, not on {device}")
-    quantize_int8(model)
+        raise ValueError(f"{mode} quantization runs on the CPU only, not on {device}")
+    quantize(model, mode)
     return model
 
 

@@ -40,6 +40,8 @@ class EngineCollector(Collector):
             families.preemptions.add_metric(label, stats.preemptions)
             families.mask_seconds.add_metric(label, stats.structured_mask_seconds)
             families.step_seconds.add_metric(label, stats.step_seconds)
+            families.prefix_queried.add_metric(label, stats.prefix_cache_queried_tokens)
+            families.prefix_hits.add_metric(label, stats.prefix_cache_hit_tokens)
         return families.all()
 
 
@@ -85,6 +87,16 @@ class _Families:
             "Seconds spent in engine steps (forward, masks and sampling).",
             labels=_LABELS,
         )
+        self.prefix_queried = CounterMetricFamily(
+            "chatfleet:prefix_cache_queried_tokens",
+            "Tokens looked up in the prefix cache (every admission, resumed preemptions included).",
+            labels=_LABELS,
+        )
+        self.prefix_hits = CounterMetricFamily(
+            "chatfleet:prefix_cache_hit_tokens",
+            "Tokens whose keys and values the prefix cache supplied instead of a forward.",
+            labels=_LABELS,
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -96,6 +108,8 @@ class _Families:
             self.preemptions,
             self.mask_seconds,
             self.step_seconds,
+            self.prefix_queried,
+            self.prefix_hits,
         ]
 
 

@@ -4,6 +4,12 @@ A step is a list of `ForwardItem`s: one token for each decoding sequence plus pr
 sequences being prefilled. `PackedRunner` runs them as ONE forward of the packed tokens (no
 padding) over a KV cache of dense per-sequence rows, for Llama-family decoders; `HFRunner` is the
 generic fallback that forwards each sequence through transformers with its own DynamicCache.
+
+With prefix caching (PackedRunner only), full blocks of every sequence's computed tokens are
+copied into a `PrefixCache` after the forward that computed them, and a new sequence whose
+tokens start with cached blocks gets their keys and values copied into its row instead of
+computing them (`reuse_prefix`). The store lives inside the same KV budget as the rows: it gets
+whatever the rows leave and is evicted (least recently used first) before any sequence waits.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from services.worker.quantization import Int8Linear
+from services.worker.prefix_cache import CachedBlock, PrefixCache
+from services.worker.quantization import BF16Linear, Int8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +84,21 @@ class ModelRunner(abc.ABC):
     def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
         """Run one step; logits [n, V]: `item.logit_rows` rows per item, in item order."""
 
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether `reuse_prefix` can find anything (runners without a prefix cache: never)."""
+        return False
+
+    def reuse_prefix(self, key: Hashable, token_ids: Sequence[int]) -> int:
+        """For a sequence without a cache row: load the keys and values of the longest cached
+        prefix of `token_ids` (all but its last token at most) into a new row for `key`; the
+        positions loaded, 0 when nothing is cached (no row is made then)."""
+        return 0
+
+    def prefix_cache_tokens(self) -> int:
+        """Positions of the KV budget the prefix cache holds (evictable at any time)."""
+        return 0
+
 
 def packed_unsupported_reason(model: PreTrainedModel) -> str | None:
     """Why PackedRunner can't run this model, or None when it can."""
@@ -103,7 +125,14 @@ class PackedRunner(ModelRunner):
     (a freed row is filled by the last one) so attention reads plain views, never gathers.
     """
 
-    def __init__(self, model: PreTrainedModel, max_rows: int, max_cache_tokens: int) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        max_rows: int,
+        max_cache_tokens: int,
+        *,
+        prefix_caching: bool = False,
+    ) -> None:
         reason = packed_unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -127,6 +156,13 @@ class PackedRunner(ModelRunner):
         self._v: list[torch.Tensor] = []
         self._capacity = 0
         self._allocated_rows = 0
+        # Prefix caching: the store, each sequence's tokens in its row (None: not known, so
+        # never cached) and the cached blocks its row's full blocks are (a prefix of them).
+        self._prefix = PrefixCache() if prefix_caching else None
+        if self._prefix is not None:
+            self._prefix.set_limit(max_cache_tokens)
+        self._tokens: dict[Hashable, list[int] | None] = {}
+        self._chains: dict[Hashable, list[CachedBlock]] = {}
         # One product for q, k and v and one for the MLP's gate and up projections: fewer,
         # larger matrix products per layer. The original modules become views of the fused
         # weights, so no memory is duplicated and transformers' own forward still works.
@@ -152,9 +188,28 @@ class PackedRunner(ModelRunner):
         lengths = list(self._length.values())  # one C-level copy: no lock needed
         return len(lengths) * _round_up(max(lengths, default=0))
 
+    @property
+    def prefix_caching(self) -> bool:
+        return self._prefix is not None
+
+    def prefix_cache_tokens(self) -> int:
+        return 0 if self._prefix is None else self._prefix.tokens
+
+    def allocated_tokens(self) -> int:
+        """Positions the rows' tensors hold (used or not): with the prefix cache's, never more
+        than max_cache_tokens."""
+        return self._allocated_rows * self._capacity
+
     def release(self, key: Hashable) -> None:
+        if self._prefix is not None and self._row_of.keys() == {key}:
+            # The last row: its tensors go, so the whole budget is the store's. Blocks that had
+            # no room while the row ran are kept now.
+            self._prefix.set_limit(self.max_cache_tokens)
+            self._insert_blocks([key])
         row = self._row_of.pop(key, None)
         self._length.pop(key, None)
+        self._tokens.pop(key, None)
+        self._chains.pop(key, None)
         if row is None:
             return
         last = len(self._keys) - 1
@@ -169,6 +224,8 @@ class PackedRunner(ModelRunner):
             # Idle: give the memory back rather than keep the peak of the last burst.
             self._k, self._v = [], []
             self._capacity = self._allocated_rows = 0
+            if self._prefix is not None:
+                self._prefix.set_limit(self.max_cache_tokens)
 
     def _ensure(self, rows: int, length: int) -> None:
         """Make the cache hold `rows` rows of `length` positions: grow it when it is too small,
@@ -191,6 +248,9 @@ class PackedRunner(ModelRunner):
         allocated = min(self.max_rows, max(allocated, _round_up(rows, 4)))
         while allocated * capacity > self.max_cache_tokens:
             allocated -= 1
+        if self._prefix is not None:
+            # The rows come first: cached blocks give up their room before the rows grow.
+            self._prefix.set_limit(self.max_cache_tokens - allocated * capacity)
         shape = (allocated, self.num_kv_heads, capacity, self.head_dim)
         used_rows = len(self._keys)
         kept = min(self._capacity, capacity)
@@ -212,6 +272,21 @@ class PackedRunner(ModelRunner):
     # -- forward -------------------------------------------------------------------------
 
     def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
+        if self._prefix is None:
+            return self._forward(items)
+        try:
+            logits = self._forward(items)
+        except BaseException:
+            # The rows may hold half-written positions: they never feed the prefix cache.
+            for item in items:
+                self._tokens[item.key] = None
+            raise
+        # Only now is every position the items wrote computed: their full blocks may be shared.
+        self._record(items)
+        self._insert_blocks([item.key for item in items])
+        return logits
+
+    def _forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
         new_keys = [item.key for item in items if item.key not in self._row_of]
         ends = {**self._length, **{i.key: i.start + len(i.token_ids) for i in items}}
         self._ensure(len(self._keys) + len(new_keys), max(ends.values()))
@@ -324,6 +399,123 @@ class PackedRunner(ModelRunner):
         picked = hidden[torch.tensor(wanted, dtype=torch.long, device=device)]
         return self.model.lm_head(self.decoder.norm(picked)).float()
 
+    # -- prefix cache --------------------------------------------------------------------
+
+    def reuse_prefix(self, key: Hashable, token_ids: Sequence[int]) -> int:
+        prefix = self._prefix
+        if prefix is None or key in self._row_of:
+            return 0
+        size = prefix.block_size
+        chain = prefix.match(token_ids)
+        # At least the last token is computed: its logits are what the sequence samples from.
+        # (A prompt cached whole takes all but the last position of its last block.)
+        matched = min(len(chain) * size, len(token_ids) - 1)
+        if matched <= 0:
+            return 0
+        chain = chain[: -(-matched // size)]
+        self._ensure(len(self._keys) + 1, max([matched, *self._length.values()]))
+        row = len(self._keys)
+        self._row_of[key] = row
+        self._keys.append(key)
+        self._length[key] = matched
+        # [blocks, 2 * layers, size, kv_heads, dim] -> [2 * layers, positions, kv_heads, dim]
+        stacked = torch.stack([block.kv for block in chain]).transpose(0, 1)
+        flat = stacked.reshape(2 * len(self.layers), len(chain) * size, *stacked.shape[-2:])
+        for index in range(len(self.layers)):
+            self._k[index][row, :, :matched] = flat[2 * index, :matched].transpose(0, 1)
+            self._v[index][row, :, :matched] = flat[2 * index + 1, :matched].transpose(0, 1)
+        self._tokens[key] = list(token_ids[:matched])
+        self._chains[key] = chain[: matched // size]  # the blocks the row holds whole
+        return matched
+
+    def _record(self, items: Sequence[ForwardItem]) -> None:
+        """Note the tokens whose positions the items computed."""
+        assert self._prefix is not None
+        size = self._prefix.block_size
+        for item in items:
+            key = item.key
+            tokens = self._tokens.get(key, [])
+            if tokens is None or len(tokens) < item.start:
+                self._tokens[key] = None  # positions of unknown tokens: never shared
+                continue
+            chain = self._chains.setdefault(key, [])
+            if len(tokens) > item.start:  # positions written again
+                del tokens[item.start :]
+                del chain[item.start // size :]
+            tokens.extend(item.token_ids)
+            self._tokens[key] = tokens
+
+    def _insert_blocks(self, keys: Sequence[Hashable]) -> None:
+        """Copy the full blocks of these rows that the prefix cache lacks into it (adopting
+        identical blocks already there), as far as its room allows."""
+        prefix = self._prefix
+        assert prefix is not None
+        size = prefix.block_size
+        growing: list[tuple[Hashable, list[int], list[CachedBlock], int]] = []
+        for key in keys:
+            tokens = self._tokens.get(key)
+            if tokens is None:
+                continue
+            chain = self._chains.setdefault(key, [])
+            full = len(tokens) // size
+            if len(chain) >= full:
+                continue
+            dead = next((i for i, block in enumerate(chain) if not block.alive), len(chain))
+            del chain[dead:]  # evicted blocks are put back from the row
+            while len(chain) < full:  # blocks another sequence cached already
+                start = len(chain) * size
+                block = prefix.get(
+                    prefix.block_key(chain[-1] if chain else None, tokens[start : start + size])
+                )
+                if block is None:
+                    break
+                chain.append(block)
+            prefix.touch(chain)
+            if len(chain) < full:
+                growing.append((key, tokens, chain, full))
+        if not growing:
+            return
+        wanted = sum(full - len(chain) for _, _, chain, full in growing)
+        room = prefix.room(wanted, [block for _, _, chain, _ in growing for block in chain])
+        plans: list[tuple[list[int], list[CachedBlock], int, int]] = []
+        rows: list[int] = []
+        starts: list[int] = []
+        for key, tokens, chain, full in growing:
+            first = len(chain)
+            count = min(full - first, room - len(starts))
+            if count <= 0:
+                break
+            plans.append((tokens, chain, first, count))
+            rows += [self._row_of[key]] * count
+            starts += [(first + j) * size for j in range(count)]
+        if not starts:
+            return  # no room: the store is full of blocks in use
+        device = self.device
+        row_t = torch.tensor(rows, dtype=torch.long, device=device)[:, None]
+        position_t = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(
+            size, device=device
+        )
+        # One gather per layer for every new block: [blocks, 2 * layers, size, kv_heads, dim].
+        kv = torch.empty(
+            len(starts),
+            2 * len(self.layers),
+            size,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=self.dtype,
+            device=device,
+        )
+        for index in range(len(self.layers)):
+            kv[:, 2 * index] = self._k[index][row_t, :, position_t]
+            kv[:, 2 * index + 1] = self._v[index][row_t, :, position_t]
+        blocks = iter(kv.unbind(0) if len(starts) == 1 else [b.clone() for b in kv.unbind(0)])
+        for tokens, chain, first, count in plans:
+            for j in range(first, first + count):
+                parent = chain[-1] if chain else None
+                key_j = prefix.block_key(parent, tokens[j * size : (j + 1) * size])
+                chain.append(prefix.add(key_j, next(blocks)))
+            prefix.touch(chain)
+
 
 class HFRunner(ModelRunner):
     """The generic path: each sequence forwarded alone through transformers with its own
@@ -375,18 +567,24 @@ class HFRunner(ModelRunner):
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
-def create_runner(model: PreTrainedModel, max_rows: int, max_cache_tokens: int) -> ModelRunner:
-    """The packed runner where the architecture allows it, else the generic one."""
+def create_runner(
+    model: PreTrainedModel, max_rows: int, max_cache_tokens: int, *, prefix_caching: bool = False
+) -> ModelRunner:
+    """The packed runner where the architecture allows it, else the generic one (which has no
+    prefix cache)."""
     reason = packed_unsupported_reason(model)
     if reason is None:
-        return PackedRunner(model, max_rows, max_cache_tokens)
+        return PackedRunner(model, max_rows, max_cache_tokens, prefix_caching=prefix_caching)
     logger.info("using the per-sequence runner: %s", reason)
     return HFRunner(model, max_rows, max_cache_tokens)
 
 
 def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
     """One linear layer computing the concatenated outputs of `linears` (all nn.Linear or all
-    Int8Linear, same input); each original is rebound to a view of the fused weights."""
+    Int8Linear, or all BF16Linear; same input); each original is rebound to a view of the fused
+    weights (a BF16Linear to its columns of the fused product)."""
+    if all(isinstance(m, BF16Linear) for m in linears):
+        return BF16Linear.fuse([m for m in linears if isinstance(m, BF16Linear)])
     if all(isinstance(m, Int8Linear) for m in linears):
         int8 = [m for m in linears if isinstance(m, Int8Linear)]
         fused_int8 = Int8Linear(

@@ -22,13 +22,20 @@ from services.worker import engine_process
 from services.worker.config import WorkerConfig, add_arguments
 from services.worker.engine import (
     ChatMessage,
+    Conversation,
     Engine,
     GenerationChunk,
     GenerationRequest,
     SamplingParams,
     StoppingParams,
 )
-from services.worker.engine_process import ProcessEngine, auto_replicas, create_process_engines
+from services.worker.engine_process import (
+    AFFINITY_SLACK,
+    ProcessEngine,
+    auto_replicas,
+    create_process_engines,
+    prefix_key,
+)
 from services.worker.loading import EngineOptions, ModelSpec, create_engine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +57,33 @@ def specs(llama_dir: Path, bert_dir: Path) -> list[ModelSpec]:
 
 
 OPTIONS = EngineOptions(threads=1, max_running=4, quantization="none")
+
+
+def texts_for_each_replica(count: int) -> list[str]:
+    """One prompt text per replica: text i's prefix key maps to replica i."""
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < count:
+        text = f"hello {n}"
+        key = prefix_key(text)
+        assert key is not None
+        found.setdefault(key % count, text)
+        n += 1
+    return [found[i] for i in range(count)]
+
+
+def test_prefix_keys_follow_the_start_of_a_conversation() -> None:
+    """The turns of one chat share a key (its first messages stay as the history grows), so they
+    are routed to the replica whose prefix cache holds the history."""
+    first = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")]
+    later = [*first, ChatMessage("assistant", "Hello!"), ChatMessage("user", "Why?")]
+    assert prefix_key(first) == prefix_key(later) == prefix_key(Conversation(tuple(later)))
+    assert prefix_key(first) != prefix_key(
+        [ChatMessage("system", "Be brief."), ChatMessage("user", "Yo")]
+    )
+    assert prefix_key("a" * 300 + "x") == prefix_key("a" * 300 + "y")
+    assert prefix_key([1, 2, 3]) != prefix_key([1, 2, 4])
+    assert prefix_key("") is None
 
 
 def requests() -> list[GenerationRequest]:
@@ -137,15 +171,16 @@ async def test_replicas_answer_as_the_engine_does_in_process(
         with pytest.raises(InvalidRequestError, match="embedding model"):
             await collect(embed, GenerationRequest("e", "hi"))
 
-        # Two long requests run on different replicas; closing a stream frees its slot.
+        # Requests sharing a prefix go to its replica until that one is AFFINITY_SLACK busier
+        # than the other; then the load spreads. Closing a stream frees its slot.
         long = StoppingParams(max_tokens=200, ignore_eos=True)
-        streams = [
-            chat.generate(GenerationRequest(f"l{i}", "hello", stopping=long)) for i in (0, 1)
-        ]
-        for stream in streams:
-            await anext(stream)
-        assert sorted(p.active_generations(0) for p in chat._processes) == [1, 1]
-        assert chat.load().running == 2
+        text = texts_for_each_replica(2)[0]
+        streams = []
+        for i in range(AFFINITY_SLACK + 2):  # each one streaming before the next is routed
+            streams.append(chat.generate(GenerationRequest(f"l{i}", text, stopping=long)))
+            await anext(streams[-1])
+        assert [p.active_generations(0) for p in chat._processes] == [AFFINITY_SLACK + 1, 1]
+        assert chat.load().running == AFFINITY_SLACK + 2
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
         # Draining returns once every child has confirmed the cancellations.

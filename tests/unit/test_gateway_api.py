@@ -82,7 +82,12 @@ async def test_chat_completion_shape_and_translation() -> None:
             "finish_reason": "stop",
         }
     ]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 3,
+        "total_tokens": 6,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
     [sent] = fleet.worker.generate_requests
     assert sent.request_id == "req-123"
@@ -162,7 +167,12 @@ async def test_chat_stream_include_usage_sends_a_final_usage_chunk() -> None:
     *chunks, usage_chunk = events[:-1]
     assert all(chunk["usage"] is None for chunk in chunks)
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == {"prompt_tokens": 6, "completion_tokens": 2, "total_tokens": 8}
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 2,
+        "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
@@ -178,7 +188,12 @@ async def test_chat_n_runs_one_call_per_choice_with_consecutive_seeds() -> None:
     assert [choice["index"] for choice in body["choices"]] == [0, 1]
     assert all(choice["message"]["content"] == ANSWER for choice in body["choices"])
     # The prompt counts once; each choice's completion counts.
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 6, "total_tokens": 12}
+    assert body["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 6,
+        "total_tokens": 12,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     first_two = fleet.worker.generate_requests[:2]
     assert sorted(r.sampling.seed for r in first_two) == [7, 8]
     assert sorted(r.request_id for r in first_two) == ["r-0", "r-1"]
@@ -245,7 +260,12 @@ async def test_completions_list_prompt_with_echo_and_n() -> None:
     assert all(choice["logprobs"] is None for choice in body["choices"])
     assert all(choice["finish_reason"] == "stop" for choice in body["choices"])
     # Each prompt counts once (2 + 1 words), every choice's completion counts.
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 12,
+        "total_tokens": 15,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     sent = fleet.worker.generate_requests
     assert sorted(r.text for r in sent) == ["one two", "one two", "three", "three"]
     assert all(r.echo for r in sent)
