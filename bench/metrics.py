@@ -47,6 +47,7 @@ class RequestResult:
     token_arrivals: list[float] = field(default_factory=list)  # content chunks only
     prompt_tokens: int = 0  # from the final chunk's usage
     output_tokens: int = 0  # from the final chunk's usage
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where the server reports it
     error: str | None = None
     text: str = ""  # the content received (kept to check structured outputs)
 

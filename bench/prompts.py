@@ -120,3 +120,28 @@ STRUCTURED_PROMPTS: tuple[str, ...] = tuple(
     "three tags."
     for question in _QUESTIONS
 )
+
+
+# The multi-turn level: user u opens with question u (mod the set) and then asks the follow-ups in
+# order, shifted by u, so the conversations differ from their first token on (no prefix is shared
+# between users beyond the system prompt) and every run sends the same texts.
+_FOLLOW_UPS = (
+    "Can you say more about that?",
+    "Give me a concrete example.",
+    "What would a beginner most often get wrong here?",
+    "Summarise what you said so far in three sentences.",
+    "How would you explain it to a sailor on a long voyage?",
+    "Which part of that is the most surprising, and why?",
+    "Now tell it as a short story.",
+    "What questions should I ask next?",
+    "List the key terms you used and define each one.",
+)
+
+
+def multiturn_message(user: int, turn: int) -> str:
+    """The user's message at a turn (both 0-based): a question to open, then follow-ups."""
+    if user < 0 or turn < 0:
+        raise ValueError(f"user and turn must be 0 or more, got {user} and {turn}")
+    if turn == 0:
+        return f"{_QUESTIONS[user % len(_QUESTIONS)]} (conversation {user + 1})"
+    return _FOLLOW_UPS[(turn - 1 + user) % len(_FOLLOW_UPS)]

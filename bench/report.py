@@ -16,6 +16,7 @@ from rich.table import Table
 
 from bench.baselines import STATIC_BATCH_SIZE, Baselines
 from bench.metrics import LevelMetrics, StructuredLevel
+from bench.multiturn import MultiTurnLevel
 
 # The targets, in one place so they are easy to review and to tighten.
 SINGLE_VS_HF = 0.9  # served single-stream tok/s >= this x HF generate single stream
@@ -24,6 +25,11 @@ VS_STATIC_BATCH = 0.9  # tok/s at 16 concurrent >= this x HF generate on a stati
 TTFT_P50_AT_16_MS = 1000.0  # TTFT p50 at 16 concurrent <= this
 HOLDS_AT_32 = 0.95  # tok/s at 32 >= this x tok/s at 16 ("holds or rises", allowing 5% noise)
 MASK_OF_STEP = 0.15  # structured output: grammar-mask seconds < this x engine-step seconds
+# Issue 16, against the peers measured in the same run (bench/peers):
+SINGLE_VS_LLAMACPP = 0.75  # tok/s at 1 >= this x llama.cpp server's tok/s at 1
+VS_VLLM = 1.0  # tok/s at 16 and at 32 >= this x vLLM CPU's at the same level
+VS_LLAMACPP = 1.5  # tok/s at 16 and at 32 >= this x llama.cpp server's (parallel slots)
+MULTITURN_GROWTH = 2.0  # multi-turn, prefix caching on: TTFT p50 at the last turn <= this x turn 1
 
 Status = Literal["PASS", "FAIL", "SKIP"]
 
@@ -158,6 +164,63 @@ def evaluate_structured_targets(structured: StructuredLevel | None) -> list[Targ
     return results
 
 
+def evaluate_peer_targets(
+    levels: Mapping[int, LevelMetrics], peers: Mapping[str, Mapping[int, LevelMetrics]]
+) -> list[TargetResult]:
+    """chatfleet's tok/s against each peer's at the same level of the same run: single stream vs
+    llama.cpp, 16 and 32 streams vs vLLM and llama.cpp. SKIP where a side was not measured or
+    had failed requests (a ratio over an incomplete level means nothing)."""
+    rules = (
+        ("llamacpp", "llama.cpp server", 1, SINGLE_VS_LLAMACPP),
+        ("vllm", "vLLM CPU", 16, VS_VLLM),
+        ("vllm", "vLLM CPU", 32, VS_VLLM),
+        ("llamacpp", "llama.cpp server", 16, VS_LLAMACPP),
+        ("llamacpp", "llama.cpp server", 32, VS_LLAMACPP),
+    )
+    results = []
+    for peer, label, concurrency, factor in rules:
+        name = f"vs {label} at {concurrency}"
+        goal = f"tok/s at {concurrency} >= {factor:g}x {label}'s at {concurrency}, same run"
+        ours, theirs = levels.get(concurrency), peers.get(peer, {}).get(concurrency)
+        if ours is None or theirs is None:
+            results.append(_skip(name, goal, f"needs level {concurrency} on chatfleet and {label}"))
+        elif ours.errors or theirs.errors or not theirs.output_throughput:
+            results.append(_skip(name, goal, "failed requests at that level"))
+        else:
+            results.append(
+                _at_least(name, goal, ours.output_throughput, factor * theirs.output_throughput)
+            )
+    return results
+
+
+def evaluate_multiturn_targets(runs: Sequence[MultiTurnLevel]) -> list[TargetResult]:
+    """The multi-turn verdict on chatfleet with prefix caching on (the run labelled so); the
+    other runs are reported, not judged."""
+    name = "multi-turn TTFT"
+    run = next((r for r in runs if r.label == MULTITURN_CHATFLEET_ON), None)
+    goal = f"TTFT p50 at the last turn <= {MULTITURN_GROWTH:g}x turn 1, prefix caching on"
+    if run is None:
+        return [_skip(name, goal, "the multi-turn level was not run on chatfleet")]
+    if run.errors:
+        return [
+            TargetResult(name, goal, float(run.errors), 0.0, "FAIL", f"{run.errors} failed turn(s)")
+        ]
+    growth = run.ttft_growth
+    if growth is None:
+        return [_skip(name, goal, "no TTFT for the first or the last turn")]
+    return [
+        TargetResult(
+            name, goal, growth, MULTITURN_GROWTH,
+            "PASS" if growth <= MULTITURN_GROWTH else "FAIL",
+            f"turn {run.turns} / turn 1 = {growth:.2f}x",
+        )
+    ]  # fmt: skip
+
+
+MULTITURN_CHATFLEET_ON = "chatfleet, prefix caching on"
+MULTITURN_CHATFLEET_OFF = "chatfleet, prefix caching off"
+
+
 # --- printing -------------------------------------------------------------------------------------
 
 
@@ -259,6 +322,99 @@ def print_structured_report(console: Console, structured: StructuredLevel) -> No
         f"mask {_fmt(structured.mask_seconds, 3)} s over {_fmt(structured.step_seconds, 3)} s of "
         f"engine steps = {'-' if fraction is None else f'{fraction:.1%}'}"
     )
+
+
+def peer_ratio(ours: LevelMetrics | None, theirs: LevelMetrics | None) -> float | None:
+    """chatfleet's tok/s over a peer's at one level; None when either is missing or zero."""
+    if ours is None or theirs is None or not theirs.output_throughput:
+        return None
+    return ours.output_throughput / theirs.output_throughput
+
+
+def print_peer_report(
+    console: Console,
+    levels: Mapping[int, LevelMetrics],
+    peers: Mapping[str, Mapping[int, LevelMetrics]],
+    labels: Mapping[str, str],
+) -> None:
+    """One row per level: chatfleet's tok/s and TTFT p50 and each peer's, with chatfleet / peer."""
+    table = Table(title="Against the peers, same run (/v1/completions, same prompts and tokens)")
+    table.add_column("C", justify="right")
+    table.add_column("chatfleet tok/s", justify="right")
+    table.add_column("TTFT p50 ms", justify="right")
+    for peer in peers:
+        table.add_column(f"{labels[peer]} tok/s", justify="right")
+        table.add_column("TTFT p50 ms", justify="right")
+        table.add_column("chatfleet / it", justify="right")
+    concurrencies = sorted({c for measured in peers.values() for c in measured})
+    for concurrency in concurrencies:
+        ours = levels.get(concurrency)
+        row = [
+            str(concurrency),
+            _fmt(ours.output_throughput) if ours else "-",
+            _fmt(ours.ttft.p50_ms, 0) if ours else "-",
+        ]
+        for measured in peers.values():
+            theirs = measured.get(concurrency)
+            ratio = peer_ratio(ours, theirs)
+            row += [
+                _fmt(theirs.output_throughput) if theirs else "-",
+                _fmt(theirs.ttft.p50_ms, 0) if theirs else "-",
+                "-" if ratio is None else f"{ratio:.2f}x",
+            ]
+        table.add_row(*row)
+    console.print(table)
+    for peer, measured in peers.items():
+        for level in measured.values():
+            for sample in level.error_samples:
+                console.print(
+                    f"[red]{labels[peer]} errors at concurrency {level.concurrency}:[/red] {sample}"
+                )
+
+
+def print_multiturn_report(console: Console, runs: Sequence[MultiTurnLevel]) -> None:
+    """TTFT p50 per turn for every run, then the last turn over the first."""
+    if not runs:
+        return
+    turns = max(run.turns for run in runs)
+    first = runs[0]
+    table = Table(
+        title=f"Multi-turn: {first.users} conversations x {turns} turns, whole history resent "
+        f"each turn, {first.max_tokens} tokens per answer (/v1/chat/completions)"
+    )
+    table.add_column("turn", justify="right")
+    table.add_column("prompt tok", justify="right")
+    for run in runs:
+        table.add_column(f"{run.label}: TTFT p50 ms", justify="right")
+        table.add_column("cached tok", justify="right")
+    for index in range(turns):
+        prompt = next(
+            (
+                r.turn_metrics[index].mean_prompt_tokens
+                for r in runs
+                if len(r.turn_metrics) > index
+                and r.turn_metrics[index].mean_prompt_tokens is not None
+            ),
+            None,
+        )
+        row = [str(index + 1), _fmt(prompt, 0)]
+        for run in runs:
+            turn = run.turn_metrics[index] if len(run.turn_metrics) > index else None
+            row += [
+                _fmt(turn.ttft_p50_ms, 0) if turn else "-",
+                _fmt(turn.mean_cached_tokens, 0) if turn else "-",
+            ]
+        table.add_row(*row)
+    console.print(table)
+    for run in runs:
+        growth = run.ttft_growth
+        console.print(
+            f"{run.label}: turn {run.turns} / turn 1 TTFT p50 = "
+            f"{'-' if growth is None else f'{growth:.2f}x'}, {run.output_throughput:.1f} tok/s, "
+            f"{run.errors} failed turn(s)"
+        )
+        for sample in run.error_samples:
+            console.print(f"[red]{run.label} error:[/red] {sample}")
 
 
 def print_targets(console: Console, targets: Sequence[TargetResult]) -> None:

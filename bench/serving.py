@@ -6,6 +6,10 @@ engine step), prints the figures against the targets and writes bench/results/.
 
     .venv/bin/python -m bench.serving [--levels 1,4,16,32] [--gateway-url URL] ...
     .venv/bin/python -m bench.serving --structured-only     # just the structured-output level
+    .venv/bin/python -m bench.serving --peers vllm,llamacpp  # beside llama.cpp and vLLM, same run
+
+The multi-turn level (--multiturn-users, 8 by default) runs on chatfleet with prefix caching on and,
+in a second stack, off; with --peers on each peer too.
 """
 
 from __future__ import annotations
@@ -33,13 +37,23 @@ from rich.console import Console
 from bench.baselines import Baselines, measure_baselines
 from bench.loadgen import ChatLoadSpec, LoadSpec, run_level, scrape_counters, warm_up
 from bench.metrics import LevelMetrics, StructuredLevel, counter_delta, summarize_level
+from bench.multiturn import MultiTurnLevel, MultiTurnSpec, run_multiturn
+from bench.peers import LABELS as PEER_LABELS
+from bench.peers import PeerOptions, parse_peers, running_peer
 from bench.prompts import PROMPT_SETS, STRUCTURED_PROMPTS, STRUCTURED_SCHEMA, load_prompt_set
 from bench.report import (
+    MULTITURN_CHATFLEET_OFF,
+    MULTITURN_CHATFLEET_ON,
+    evaluate_multiturn_targets,
+    evaluate_peer_targets,
     evaluate_structured_targets,
     evaluate_targets,
+    print_multiturn_report,
+    print_peer_report,
     print_report,
     print_structured_report,
     print_targets,
+    to_jsonable,
     write_json,
     write_plot,
 )
@@ -75,6 +89,12 @@ class BenchConfig:
     structured_level: int  # concurrency of the structured-output level; 0: not run
     structured_only: bool  # only that level: no baselines, no completions levels
     worker_metrics_url: str | None  # the worker's /metrics with --gateway-url; None: no mask cost
+    peers: PeerOptions = dataclasses.field(default_factory=PeerOptions)  # default: no peers
+    peer_levels: tuple[int, ...] = (1, 16, 32)
+    multiturn_users: int = 0  # 0: no multi-turn level
+    multiturn_turns: int = 10
+    multiturn_max_tokens: int = 64
+    multiturn_cache_off: bool = True  # also run it on a stack with --no-prefix-caching
 
     def requests_at(self, concurrency: int) -> int:
         return self.requests_per_level or max(2 * concurrency, 8)
@@ -117,6 +137,26 @@ class BenchConfig:
             raise ValueError(
                 "--worker-args applies to the stack the benchmark starts, not to --gateway-url"
             )
+        peers = parse_peers(ns.peers)
+        peer_levels = _levels(ns.peer_levels, "--peer-levels")
+        if ns.multiturn_users < 0 or ns.multiturn_turns < 1 or ns.multiturn_max_tokens < 1:
+            raise ValueError(
+                "--multiturn-users must be 0 or more, --multiturn-turns and "
+                "--multiturn-max-tokens 1 or more"
+            )
+        if ns.llama_parallel < 1:
+            raise ValueError(f"--llama-parallel must be 1 or more, got {ns.llama_parallel}")
+        peer_options = PeerOptions(
+            peers=peers,
+            llamacpp_url=ns.llamacpp_url or None,
+            llama_server=Path(ns.llama_server),
+            llama_parallel=ns.llama_parallel,
+            vllm_url=ns.vllm_url or None,
+            vllm_python=Path(ns.vllm_python),
+            vllm_model_dir=Path(ns.vllm_model_dir) if ns.vllm_model_dir else None,
+            vllm_dtype=ns.vllm_dtype,
+        )
+        structured_only = ns.structured_only
         return cls(
             levels=() if ns.structured_only else levels,
             requests_per_level=ns.requests_per_level or None,
@@ -134,7 +174,23 @@ class BenchConfig:
             structured_level=ns.structured_level,
             structured_only=ns.structured_only,
             worker_metrics_url=ns.worker_metrics_url or None,
+            peers=peer_options,
+            peer_levels=() if structured_only else peer_levels,
+            multiturn_users=0 if structured_only else ns.multiturn_users,
+            multiturn_turns=ns.multiturn_turns,
+            multiturn_max_tokens=ns.multiturn_max_tokens,
+            multiturn_cache_off=ns.multiturn_cache_off and not ns.gateway_url,
         )
+
+
+def _levels(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(sorted({int(item) for item in text.split(",") if item.strip()}))
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not levels or levels[0] < 1:
+        raise ValueError(f"{flag} must be positive concurrency levels, got {text!r}")
+    return levels
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -183,6 +239,36 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="with --gateway-url: the worker's Prometheus /metrics URL, for the grammar mask's "
         "share of an engine step",
     )  # fmt: skip
+    add(
+        "--peers", default="",
+        help="also measure these peers in the same run, one at a time: llamacpp, vllm "
+        "(set up by `make bench-peers-setup`)",
+    )  # fmt: skip
+    add("--peer-levels", default="1,16,32", help="concurrency levels of the peers")
+    add("--llamacpp-url", default="", help="a running llama-server instead of starting one")
+    add("--llama-server", default=str(PeerOptions.llama_server), help="llama-server binary")
+    add(
+        "--llama-parallel", default=PeerOptions.llama_parallel, type=int,
+        help="llama-server --parallel slots (continuous batching)",
+    )  # fmt: skip
+    add("--vllm-url", default="", help="a running vLLM OpenAI server instead of starting one")
+    add("--vllm-python", default=str(PeerOptions.vllm_python), help="python of the vLLM venv")
+    add(
+        "--vllm-model-dir", default="",
+        help="HF folder vLLM serves; default: the GGUF dequantized into .tools/peer-models",
+    )  # fmt: skip
+    add("--vllm-dtype", default=PeerOptions.vllm_dtype, help="vLLM --dtype")
+    add(
+        "--multiturn-users", default=8, type=int,
+        help="conversations of the multi-turn level at once; 0: skip the level",
+    )  # fmt: skip
+    add("--multiturn-turns", default=10, type=int, help="turns of every conversation")
+    add("--multiturn-max-tokens", default=64, type=int, help="tokens of every answer")
+    flags.add_bool(
+        "--multiturn-cache-off", default=True,
+        help="also run the multi-turn level on a stack with --no-prefix-caching",
+        env="CHATFLEET_BENCH_MULTITURN_CACHE_OFF",
+    )  # fmt: skip
     flags.add_bool(
         "--structured-only",
         help="run only the structured-output level (no baselines, no --levels)",
@@ -225,7 +311,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _default_chat_model_path() -> str:
+def default_chat_model_path() -> str:
     """The GGUF the worker serves by default (the baselines load the very same file)."""
     return next(s.path for s in default_model_specs() if DEFAULT_CHAT_MODEL_NAME in s.names)
 
@@ -403,22 +489,142 @@ def _follows_schema(text: str) -> bool:
     return isinstance(value, dict) and all(key in value for key in required)
 
 
+@dataclass
+class Measured:
+    """Everything the served part of a run measured."""
+
+    levels: list[LevelMetrics]
+    structured: StructuredLevel | None
+    gateway_url: str
+    peers: dict[str, dict[int, LevelMetrics]] = dataclasses.field(default_factory=dict)
+    multiturn: list[MultiTurnLevel] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what could not be measured, why
+
+
 async def serve_and_measure(
     config: BenchConfig, log_dir: Path, console: Console, load: LoadAverages
-) -> tuple[list[LevelMetrics], StructuredLevel | None, str]:
+) -> Measured:
+    """The peers first, one at a time, each stopped before the next starts; then chatfleet
+    (levels, structured level, multi-turn with prefix caching); then, for the multi-turn level
+    without prefix caching, a second stack."""
+    peers: dict[str, dict[int, LevelMetrics]] = {}
+    multiturn: list[MultiTurnLevel] = []
+    notes: list[str] = []
+    for peer in config.peers.peers:
+        label = PEER_LABELS[peer]
+        console.print(f"[bold]{label}[/bold]: starting (log in {log_dir / (peer + '.log')})")
+        try:
+            async with running_peer(
+                peer, config.peers, config.model, Path(default_chat_model_path()), log_dir
+            ) as url:
+                peers[peer] = await run_peer_levels(config, url, console, load, peer)
+                if config.multiturn_users:
+                    multiturn.append(await multiturn_level(config, url, label, console, load))
+        except (FileNotFoundError, ServiceExited, TimeoutError, RuntimeError) as exc:
+            note = f"{label} not measured: {type(exc).__name__}: {exc}"
+            console.print(f"[red]{note}[/red]")
+            notes.append(note)
     if config.gateway_url:
         endpoints = Endpoints(config.gateway_url, config.worker_metrics_url)
-        return *await run_served(config, endpoints, console, load), config.gateway_url
+        levels, structured = await run_served(config, endpoints, console, load)
+        if config.multiturn_users:
+            multiturn.append(
+                await multiturn_level(
+                    config, config.gateway_url, MULTITURN_CHATFLEET_ON, console, load
+                )
+            )
+        return Measured(levels, structured, config.gateway_url, peers, multiturn, notes)
     worker_args = ("--quantization", config.quantization, *config.worker_args)
     async with started_stack(config.model, worker_args, log_dir, console) as endpoints:
-        return *await run_served(config, endpoints, console, load), endpoints.gateway_url
+        levels, structured = await run_served(config, endpoints, console, load)
+        if config.multiturn_users:
+            multiturn.append(
+                await multiturn_level(
+                    config, endpoints.gateway_url, MULTITURN_CHATFLEET_ON, console, load
+                )
+            )
+        gateway_url = endpoints.gateway_url
+    if config.multiturn_users and config.multiturn_cache_off:
+        if not worker_has_prefix_caching_flag():
+            note = (
+                "the worker has no --no-prefix-caching flag (no prefix cache to switch off): "
+                "the multi-turn level ran once, on today's worker"
+            )
+            console.print(f"[yellow]{note}[/yellow]")
+            notes.append(note)
+        else:
+            off_dir = log_dir / "no-prefix-caching"
+            off_dir.mkdir(parents=True, exist_ok=True)
+            off_args = (*worker_args, "--no-prefix-caching")
+            async with started_stack(config.model, off_args, off_dir, console) as endpoints:
+                multiturn.append(
+                    await multiturn_level(
+                        config, endpoints.gateway_url, MULTITURN_CHATFLEET_OFF, console, load
+                    )
+                )
+    return Measured(levels, structured, gateway_url, peers, multiturn, notes)
+
+
+def worker_has_prefix_caching_flag() -> bool:
+    """Whether `chatfleet worker` takes --no-prefix-caching (issue 16's prefix cache)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "--no-prefix-caching" in done.stdout
+
+
+async def run_peer_levels(
+    config: BenchConfig, url: str, console: Console, load: LoadAverages, peer: str
+) -> dict[int, LevelMetrics]:
+    """The completions levels on a peer: the same prompts, token counts and request counts as
+    chatfleet's."""
+    spec = LoadSpec(url, config.model, config.prompts, config.max_tokens)
+    await warm_up(spec, range(min(2, len(config.prompts))), WARM_UP_TOKENS)
+    measured = {}
+    for concurrency in config.peer_levels:
+        requests = config.requests_at(concurrency)
+        console.print(f"  {PEER_LABELS[peer]}, concurrency {concurrency}: {requests} requests...")
+        results, duration = await run_level(spec, concurrency, requests)
+        measured[concurrency] = level = summarize_level(concurrency, results, duration)
+        load.mark(f"after_{peer}_level_{concurrency}")
+        _print_level(console, level, duration)
+    return measured
+
+
+async def multiturn_level(
+    config: BenchConfig, url: str, label: str, console: Console, load: LoadAverages
+) -> MultiTurnLevel:
+    spec = MultiTurnSpec(
+        url,
+        config.model,
+        config.multiturn_users,
+        config.multiturn_turns,
+        config.multiturn_max_tokens,
+        api_key=config.api_key if url == config.gateway_url else None,
+    )
+    console.print(
+        f"multi-turn level ({label}): {spec.users} conversations x {spec.turns} turns, "
+        f"{spec.max_tokens} tokens per answer..."
+    )
+    run = await run_multiturn(spec, label)
+    load.mark(f"after_multiturn_{label}")
+    growth = "-" if run.ttft_growth is None else f"{run.ttft_growth:.2f}x"
+    console.print(
+        f"  turn 1 TTFT p50 {run.turn_metrics[0].ttft_p50_ms or 0:.0f} ms, turn {run.turns} "
+        f"{run.turn_metrics[-1].ttft_p50_ms or 0:.0f} ms ({growth}), {run.errors} failed "
+        f"turn(s), {run.duration_s:.1f} s"
+    )
+    return run
 
 
 def baselines_of(config: BenchConfig, console: Console, load: LoadAverages) -> Baselines:
     # Called before the stack starts, so the two never compete for the cores.
     console.print("measuring the HF generate baselines (in-process)...")
     baselines = measure_baselines(
-        _default_chat_model_path(), config.prompts, config.max_tokens, config.quantization
+        default_chat_model_path(), config.prompts, config.max_tokens, config.quantization
     )
     gc.collect()  # the baseline model is garbage now: give its memory back before serving
     load.mark("after_baselines")
@@ -454,9 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         baselines = None if skip_baselines else baselines_of(config, console, load)
         if not config.gateway_url:
             log_dir.mkdir(parents=True)
-        levels, structured, gateway_url = asyncio.run(
-            serve_and_measure(config, log_dir, console, load)
-        )
+        measured = asyncio.run(serve_and_measure(config, log_dir, console, load))
     except FileNotFoundError as exc:  # the default model is not installed
         console.print(f"[red]{exc}[/red]")
         return 1
@@ -467,16 +671,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-    targets = (
-        []
-        if config.structured_only
-        else evaluate_targets({level.concurrency: level for level in levels}, baselines)
-    )
+    levels, structured, gateway_url = measured.levels, measured.structured, measured.gateway_url
+    by_level = {level.concurrency: level for level in levels}
+    targets = [] if config.structured_only else evaluate_targets(by_level, baselines)
     targets += evaluate_structured_targets(structured)
+    if config.peers.peers:
+        targets += evaluate_peer_targets(by_level, measured.peers)
+    if config.multiturn_users:
+        targets += evaluate_multiturn_targets(measured.multiturn)
     if levels:
         print_report(console, levels, baselines, [])
     if structured is not None:
         print_structured_report(console, structured)
+    if measured.peers:
+        print_peer_report(console, by_level, measured.peers, PEER_LABELS)
+    print_multiturn_report(console, measured.multiturn)
+    for note in measured.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
     print_targets(console, targets)
     config_record = {
         key: value for key, value in vars(config).items() if key not in {"api_key", "prompts"}
@@ -496,6 +707,11 @@ def main(argv: list[str] | None = None) -> int:
         "baselines": baselines,
         "levels": levels,
         "structured": structured,
+        "peers": {PEER_LABELS[peer]: list(m.values()) for peer, m in measured.peers.items()},
+        "multiturn": [
+            {**to_jsonable(run), "ttft_growth": run.ttft_growth} for run in measured.multiturn
+        ],
+        "notes": measured.notes,
         "targets": targets,
     }
     # A structured-only run is a figure of its own: it leaves latest.json to the full runs.
@@ -516,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"results: {json_path} (+ latest-structured.json)")
     structured_levels = (structured.unconstrained, structured.constrained) if structured else ()
     if any(level.errors for level in (*levels, *structured_levels)):
+        return 1
+    if any(run.errors for run in measured.multiturn):
         return 1
     if config.strict and any(t.status == "FAIL" for t in targets):
         return 3
