@@ -77,12 +77,12 @@ from services.gateway.serving import (
     _first,
     _merge,
 )
+from services.gateway.tools import ROLES
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _TOOL_CHOICE_MODES = {
     "none": worker_pb2.TOOL_CHOICE_MODE_NONE,
     "auto": worker_pb2.TOOL_CHOICE_MODE_AUTO,
@@ -229,7 +229,7 @@ def _input_messages(value: str | list[Any]) -> list[worker_pb2.ChatMessage]:
         if kind == "message":
             message = _validated(InputMessageItem, item, where)
             messages.append(
-                worker_pb2.ChatMessage(role=_ROLES[message.role], content=_text(message.content))
+                worker_pb2.ChatMessage(role=ROLES[message.role], content=_text(message.content))
             )
         elif kind == "function_call":
             call = _validated(FunctionCallItem, item, where)

@@ -28,8 +28,9 @@ from services.gateway.protocol import (
     ToolCall,
 )
 
-# OpenAI roles -> the worker's ("developer" is OpenAI's new name for "system").
-_ROLES = {
+# OpenAI roles -> the worker's ("developer" is OpenAI's new name for "system"); chat and the
+# Responses API both translate with it.
+ROLES = {
     "system": "system",
     "developer": "system",
     "user": "user",
@@ -157,7 +158,7 @@ def chat_messages(messages: Sequence[ChatMessageParam]) -> list[worker_pb2.ChatM
     legacy_call_id = ""
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        turn = worker_pb2.ChatMessage(role=_ROLES[message.role], name=message.name or "")
+        turn = worker_pb2.ChatMessage(role=ROLES[message.role], name=message.name or "")
         if message.role == "tool":
             if not message.tool_call_id:
                 raise InvalidRequestError(
