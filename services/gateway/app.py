@@ -1,41 +1,35 @@
-"""The gateway's FastAPI app: thin routes, API-key and request-id middleware, OpenAI-shaped errors.
+"""The gateway's FastAPI app: its lifespan (upstream clients and the GatewayState), the thin
+OpenAI routes, API-key and request-id middleware, OpenAI-shaped errors and the OpenAPI document.
 
-Request bodies are parsed here (not by FastAPI's body parameters) so that any content type is read
-as JSON, validation is strict, and malformed JSON and bad fields get the same OpenAI error shape;
-their pydantic schemas are added to the OpenAPI document by hand, so /docs still shows them.
-
-Streams use Starlette's StreamingResponse rather than sse-starlette: the framing is one
-`data: {json}` line per event, and sse-starlette would bring a process-wide shutdown watcher that
-polls and patches uvicorn's signal handling, where serve() owns shutdown itself.
+Request bodies are read by http_helpers.parse_body (not by FastAPI's body parameters), so their
+pydantic schemas are added to the OpenAPI document by hand, and /docs still shows them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
-import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import ChatfleetError
+from services.common.limits import REQUEST_ID_PATTERN
 from services.common.request_id import bound_request_id
-from services.gateway.clients import ControllerClient, Deadline, WorkerPool
+from services.gateway.clients import ControllerClient, WorkerPool
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import (
     APIError,
@@ -44,10 +38,17 @@ from services.gateway.errors import (
     from_rpc_error,
     from_validation_errors,
     invalid_api_key,
-    request_too_large,
-    unreadable_body,
 )
 from services.gateway.fastchat_routes import create_router as fastchat_router
+from services.gateway.http_helpers import (
+    GatewayState,
+    RouteTimeouts,
+    gateway_state,
+    json_response,
+    parse_body,
+    request_context,
+    respond,
+)
 from services.gateway.metrics import METRICS_PATH, MeteredUpstream, install_metrics
 from services.gateway.protocol import (
     REQUEST_FIELD_NAMES,
@@ -68,20 +69,19 @@ from services.gateway.responses_protocol import (
     ResponseObject,
     ResponsesRequest,
 )
-from services.gateway.serving import EventStream, OpenAIServing, RequestContext, RouteTimeouts
+from services.gateway.serving_chat import ChatServing
+from services.gateway.serving_completions import CompletionServing
+from services.gateway.serving_embeddings import EmbeddingServing
+from services.gateway.serving_models import ModelServing
 from services.gateway.webui import PUBLIC_PATHS as WEBUI_PUBLIC_PATHS
 from services.gateway.webui import install_webui
 
 logger = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=BaseModel)
-
 REQUEST_ID_HEADER = "x-request-id"
 # Routes reachable without an API key (load balancers and probes; the web page, which asks for one).
 # /metrics too: Prometheus scrapers usually send no key, and it carries counts, never content.
 OPEN_PATHS = frozenset({"/health", METRICS_PATH, *WEBUI_PUBLIC_PATHS})
-# A client's request id is reused only when it is safe to log and to send as gRPC metadata.
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 # --- middleware --------------------------------------------------------------------------------
@@ -99,7 +99,8 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"x-request-id")
-        request_id = given if given and _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+        # A client's request id is reused only when it is safe to log and to send as gRPC metadata.
+        request_id = given if given and REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
@@ -148,142 +149,47 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-# --- responses ---------------------------------------------------------------------------------
-
-
-class SSEResponse(StreamingResponse):
-    """Server-sent events; releases the upstream calls however the response ends."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, stream: EventStream) -> None:
-        super().__init__(
-            stream.events,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._close = stream.close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._close()
-
-
-def _json(model: BaseModel) -> Response:
-    # pydantic writes the body: it handles floats such as -inf logprobs that json.dumps rejects.
-    return Response(model.model_dump_json(), media_type="application/json")
-
-
 # --- routes ------------------------------------------------------------------------------------
 
 
-def _serving(request: Request) -> OpenAIServing:
-    serving: OpenAIServing = request.app.state.serving
-    return serving
-
-
-def _context(request: Request) -> RequestContext:
-    config: GatewayConfig = request.app.state.config
-    return RequestContext(
-        request_id=request.state.request_id,
-        deadline=Deadline(config.request_timeout_seconds),
-    )
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise request_too_large(limit, int(declared))
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise request_too_large(limit)
-    except ClientDisconnect:
-        # Gone before sending its whole body: nobody reads the answer (499 in access logs).
-        raise APIError(499, "The client closed the request.", "invalid_request_error") from None
-    return bytes(body)
-
-
-async def _parse(
-    request: Request, model: type[M], field_names: Iterable[str] = REQUEST_FIELD_NAMES
-) -> M:
-    """The body as `model`; `field_names` are the field names its error paths may hold."""
-    config: GatewayConfig = request.app.state.config
-    body = await _read_body(request, config.max_body_bytes)
-    unreadable = unreadable_body(body)
-    if unreadable is not None:
-        raise unreadable
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as error:
-        raise from_validation_errors(error.errors(include_url=False), field_names) from None
-
-
-async def _until_disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _respond(request: Request, handler: Awaitable[BaseModel | EventStream]) -> Response:
-    """Run a handler, cancelling it (and so its gRPC calls) if the client goes away meanwhile."""
-    work = asyncio.ensure_future(handler)
-    watcher = asyncio.ensure_future(_until_disconnected(request.receive))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not work.done():
-            work.cancel()
-            logger.info("request %s: client disconnected, cancelled", request.state.request_id)
-            await asyncio.wait({work})
-    if work.cancelled():
-        # Nobody is listening; the status only shows in access logs (nginx's "client closed").
-        return Response(status_code=499)
-    result = work.result()
-    if isinstance(result, EventStream):
-        return SSEResponse(result)
-    return _json(result)
-
-
 async def health(request: Request) -> JSONResponse:
-    if await _serving(request).health():
+    if await gateway_state(request.app).models.health():
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "unavailable"}, status_code=503)
 
 
 async def list_models(request: Request) -> Response:
-    return _json(await _serving(request).list_models(_context(request)))
+    models = gateway_state(request.app).models
+    return json_response(await models.list_models(request_context(request)))
 
 
 async def retrieve_model(request: Request, model: str) -> Response:
-    return _json(await _serving(request).retrieve_model(model, _context(request)))
+    models = gateway_state(request.app).models
+    return json_response(await models.retrieve_model(model, request_context(request)))
 
 
 async def chat_completions(request: Request) -> Response:
-    body = await _parse(request, ChatCompletionRequest)
-    return await _respond(
-        request, _serving(request).create_chat_completion(body, _context(request))
-    )
+    body = await parse_body(request, ChatCompletionRequest)
+    chat = gateway_state(request.app).chat
+    return await respond(request, chat.create_chat_completion(body, request_context(request)))
 
 
 async def completions(request: Request) -> Response:
-    body = await _parse(request, CompletionRequest)
-    return await _respond(request, _serving(request).create_completion(body, _context(request)))
+    body = await parse_body(request, CompletionRequest)
+    handler = gateway_state(request.app).completions
+    return await respond(request, handler.create_completion(body, request_context(request)))
 
 
 async def embeddings(request: Request) -> Response:
-    body = await _parse(request, EmbeddingRequest)
-    return await _respond(request, _serving(request).create_embedding(body, _context(request)))
+    body = await parse_body(request, EmbeddingRequest)
+    handler = gateway_state(request.app).embeddings
+    return await respond(request, handler.create_embedding(body, request_context(request)))
 
 
 async def responses(request: Request) -> Response:
-    body = await _parse(request, ResponsesRequest, RESPONSES_FIELD_NAMES)
-    handler: ResponsesServing = request.app.state.responses
-    return await _respond(request, handler.create_response(body, _context(request)))
+    body = await parse_body(request, ResponsesRequest, RESPONSES_FIELD_NAMES)
+    handler = gateway_state(request.app).responses
+    return await respond(request, handler.create_response(body, request_context(request)))
 
 
 # --- error handlers ----------------------------------------------------------------------------
@@ -352,7 +258,7 @@ def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _request_body(model: type[BaseModel], *, streams: bool) -> dict[str, Any]:
-    """`openapi_extra` of a route whose body `_parse` reads as `model`; and, when it `streams`,
+    """`openapi_extra` of a route whose body `parse_body` reads as `model`; and, when it `streams`,
     the server-sent events that answer `"stream": true`."""
     extra: dict[str, Any] = {
         "requestBody": {
@@ -441,8 +347,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
             metrics=app.state.metrics,
         )
         timeouts = RouteTimeouts.from_config(config)
-        app.state.serving = OpenAIServing(upstream, timeouts)
-        app.state.responses = ResponsesServing(upstream, timeouts)
+        GatewayState(
+            config=config,
+            upstream=upstream,
+            models=ModelServing(upstream),
+            chat=ChatServing(upstream, timeouts),
+            completions=CompletionServing(upstream, timeouts),
+            embeddings=EmbeddingServing(upstream, timeouts),
+            responses=ResponsesServing(upstream, timeouts),
+        ).install(app)
         logger.info("gateway uses the controller at %s", config.controller_address)
         try:
             yield
@@ -450,7 +363,6 @@ def create_app(config: GatewayConfig) -> FastAPI:
             await upstream.close()
 
     app = FastAPI(title="chatfleet gateway", version="0.1.0", lifespan=lifespan)
-    app.state.config = config
     upstream_errors = (429, 503, 504)
     app.add_api_route(
         "/health",
@@ -488,8 +400,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
             responses=_error_responses(400, 401, 404, 413, *upstream_errors),
             openapi_extra=_request_body(body, streams=body is not EmbeddingRequest),
         )
-    app.include_router(fastchat_router(parse=_parse, context=_context, respond=_respond))
-    install_webui(app, context=_context, respond=_respond)
+    app.include_router(fastchat_router())
+    install_webui(app)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     handlers: dict[Any, Any] = dict(_ERROR_HANDLERS)
     for exc_class, handler in handlers.items():

@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +30,7 @@ from chatfleet.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+from services.common.backoff import Backoff
 from services.common.errors import ChatfleetError, OverloadedError, UnavailableError
 from services.common.grpc_server import open_channel
 from services.common.security import NO_SECURITY, GrpcSecurity
@@ -45,6 +47,9 @@ _SELECT_MAX_BACKOFF_S = 0.5
 _RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 Metadata = tuple[tuple[str, str], ...]
+T = TypeVar("T")
+# What one attempt calls on the worker at `address`, for the model it serves there as `model`.
+WorkerCall = Callable[[str, str], AsyncGenerator[T, None]]
 
 
 class Deadline:
@@ -221,63 +226,52 @@ class Upstream:
         Closing the iterator, or cancelling the task reading it, cancels the gRPC call, and the
         worker frees the request's slot.
         """
+
+        async def attempt(
+            address: str, model: str
+        ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
+            routed = worker_pb2.GenerateRequest()
+            routed.CopyFrom(request)
+            routed.model = model
+            call = self.workers.stub(address).Generate(
+                routed, timeout=deadline.remaining(), metadata=metadata
+            )
+            try:
+                async for response in call:
+                    yield response
+            finally:
+                # A no-op once the call ended; otherwise the consumer stopped early.
+                call.cancel()
+
         with self._admitted():
-            excluded: list[str] = []
-            last_error: grpc.aio.AioRpcError | None = None
-            for attempt in range(self.worker_retries + 1):
-                selection = await self._select(request.model, excluded, deadline, metadata)
-                if last_error is not None and selection.address in excluded:
-                    raise last_error  # only workers that failed already are left
-                routed = worker_pb2.GenerateRequest()
-                routed.CopyFrom(request)
-                routed.model = selection.model.name or request.model
-                call = self.workers.stub(selection.address).Generate(
-                    routed, timeout=deadline.remaining(), metadata=metadata
-                )
-                produced = False
-                try:
-                    async for response in call:
-                        produced = True
-                        yield response
-                    return
-                except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        raise _auth_failure(error, selection.address) from None
-                    if produced or not self._retry(
-                        error, request.request_id, selection.address, attempt
-                    ):
-                        raise
-                    excluded.append(selection.address)
-                    last_error = error
-                finally:
-                    # A no-op once the call ended; otherwise the consumer stopped early.
-                    call.cancel()
+            responses = self._failover(
+                request.model, request.request_id, deadline, metadata, attempt
+            )
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
 
     async def embed(
         self, request: worker_pb2.EmbedRequest, *, deadline: Deadline, metadata: Metadata = ()
     ) -> worker_pb2.EmbedResponse:
+        async def attempt(
+            address: str, model: str
+        ) -> AsyncGenerator[worker_pb2.EmbedResponse, None]:
+            routed = worker_pb2.EmbedRequest()
+            routed.CopyFrom(request)
+            routed.model = model
+            response: worker_pb2.EmbedResponse = await self.workers.stub(address).Embed(
+                routed, timeout=deadline.remaining(), metadata=metadata
+            )
+            yield response
+
         with self._admitted():
-            excluded: list[str] = []
-            last_error: grpc.aio.AioRpcError | None = None
-            for attempt in range(self.worker_retries + 1):
-                selection = await self._select(request.model, excluded, deadline, metadata)
-                if last_error is not None and selection.address in excluded:
-                    raise last_error  # only workers that failed already are left
-                routed = worker_pb2.EmbedRequest()
-                routed.CopyFrom(request)
-                routed.model = selection.model.name or request.model
-                try:
-                    response: worker_pb2.EmbedResponse = await self.workers.stub(
-                        selection.address
-                    ).Embed(routed, timeout=deadline.remaining(), metadata=metadata)
+            responses = self._failover(
+                request.model, request.request_id, deadline, metadata, attempt
+            )
+            async with contextlib.aclosing(responses):
+                async for response in responses:
                     return response
-                except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        raise _auth_failure(error, selection.address) from None
-                    if not self._retry(error, request.request_id, selection.address, attempt):
-                        raise
-                    excluded.append(selection.address)
-                    last_error = error
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def tokenize(
@@ -296,6 +290,40 @@ class Upstream:
                     raise _auth_failure(error, selection.address) from None
                 raise
             return response
+
+    async def _failover(
+        self,
+        model: str,
+        request_id: str,
+        deadline: Deadline,
+        metadata: Metadata,
+        call: WorkerCall[T],
+    ) -> AsyncGenerator[T, None]:
+        """What `call` yields on a worker the controller selects for `model`; a worker that fails
+        with a retriable error before yielding anything is excluded and `call` tried on another,
+        up to --worker-retries times (the module docstring tells the rules)."""
+        excluded: list[str] = []
+        last_error: grpc.aio.AioRpcError | None = None
+        for attempt in range(self.worker_retries + 1):
+            selection = await self._select(model, excluded, deadline, metadata)
+            if last_error is not None and selection.address in excluded:
+                raise last_error  # only workers that failed already are left
+            produced = False
+            items = call(selection.address, selection.model.name or model)
+            try:
+                async for item in items:
+                    produced = True
+                    yield item
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise _auth_failure(error, selection.address) from None
+                if produced or not self._retry(error, request_id, selection.address, attempt):
+                    raise
+                excluded.append(selection.address)
+                last_error = error
+            finally:
+                await items.aclose()
 
     def _retry(
         self, error: grpc.aio.AioRpcError, request_id: str, address: str, attempt: int
@@ -322,7 +350,7 @@ class Upstream:
         deadline) while the controller is unreachable or the fleet recovers."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.select_timeout
-        backoff = _SELECT_MIN_BACKOFF_S
+        backoff = Backoff(_SELECT_MIN_BACKOFF_S, _SELECT_MAX_BACKOFF_S)
         while True:
             budget = deadline.within(max(give_up - loop.time(), 0.0))
             try:
@@ -342,13 +370,15 @@ class Upstream:
                 recovering = code == grpc.StatusCode.UNAVAILABLE or (
                     code == grpc.StatusCode.NOT_FOUND and model in self._known_models
                 )
-                if not recovering or loop.time() + backoff >= give_up:
+                if not recovering or loop.time() + backoff.delay >= give_up:
                     raise
                 logger.debug(
-                    "no worker for %s yet (%s); asking again in %.2f s", model, code.name, backoff
+                    "no worker for %s yet (%s); asking again in %.2f s",
+                    model,
+                    code.name,
+                    backoff.delay,
                 )
-                await asyncio.sleep(deadline.within(backoff))
-                backoff = min(backoff * 2, _SELECT_MAX_BACKOFF_S)
+                await asyncio.sleep(deadline.within(backoff.step()))
                 continue
             self._known_models.add(model)
             return selection

@@ -1,23 +1,29 @@
 """FastChat's routes beyond the OpenAI API: POST /api/v1/token_check, /api/v1/chat/completions and
-/v1/engines/{model}/embeddings, answered by the OpenAI routes' own handlers (serving.py).
+/v1/engines/{model}/embeddings, answered by the OpenAI routes' own handlers (serving_chat.py,
+serving_embeddings.py) and the upstream clients (token counts).
 
-The app hands in its body parser, request context and responder (`create_router`), so these routes
-share its body limits, deadlines, error mapping and cancellation on client disconnect; its API-key
-and CORS middleware cover them as they cover every route.
+They read bodies, build request contexts and respond with the same helpers as every route
+(http_helpers.py), so they share its body limit, deadlines, error mapping and cancellation on
+client disconnect; the app's API-key and CORS middleware cover them as they cover every route.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
 
 from chatfleet.v1 import worker_pb2
 from services.gateway.clients import Upstream
+from services.gateway.http_helpers import (
+    RequestContext,
+    gateway_state,
+    parse_body,
+    request_context,
+    respond,
+)
 from services.gateway.protocol import (
     ChatCompletionResponse,
     EmbeddingResponse,
@@ -27,44 +33,34 @@ from services.gateway.protocol import (
     TokenCheckResponse,
     TokenCheckResult,
 )
-from services.gateway.serving import EventStream, OpenAIServing, RequestContext
 
 logger = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=BaseModel)
+
+async def token_check(request: Request) -> Response:
+    body = await parse_body(request, TokenCheckRequest)
+    upstream = gateway_state(request.app).upstream
+    return await respond(request, check_tokens(upstream, body, request_context(request)))
 
 
-class Parse(Protocol):
-    """Reads a request body as `model` (the app's `_parse`): OpenAI errors on bad input."""
-
-    def __call__(self, request: Request, model: type[M], /) -> Awaitable[M]: ...
-
-
-ContextOf = Callable[[Request], RequestContext]
-Respond = Callable[[Request, Awaitable[BaseModel | EventStream]], Awaitable[Response]]
+async def chat_completions(request: Request) -> Response:
+    # The same as /v1/chat/completions, repetition_penalty included; `messages` may be a string.
+    body = await parse_body(request, FastChatChatCompletionRequest)
+    chat = gateway_state(request.app).chat
+    return await respond(request, chat.create_chat_completion(body, request_context(request)))
 
 
-def create_router(*, parse: Parse, context: ContextOf, respond: Respond) -> APIRouter:
-    """FastChat's extra routes, built on the app's own helpers."""
+async def engine_embeddings(request: Request, model: str) -> Response:
+    body = await parse_body(request, EngineEmbeddingRequest)
+    if not body.model:  # as in FastChat, a model named in the body wins over the path's
+        body = body.model_copy(update={"model": model})
+    handler = gateway_state(request.app).embeddings
+    return await respond(request, handler.create_embedding(body, request_context(request)))
+
+
+def create_router() -> APIRouter:
+    """FastChat's extra routes."""
     router = APIRouter()
-
-    async def token_check(request: Request) -> Response:
-        body = await parse(request, TokenCheckRequest)
-        return await respond(request, check_tokens(_upstream(request), body, context(request)))
-
-    async def chat_completions(request: Request) -> Response:
-        # The same as /v1/chat/completions, repetition_penalty included; `messages` may be a string.
-        body = await parse(request, FastChatChatCompletionRequest)
-        return await respond(
-            request, _serving(request).create_chat_completion(body, context(request))
-        )
-
-    async def engine_embeddings(request: Request, model: str) -> Response:
-        body = await parse(request, EngineEmbeddingRequest)
-        if not body.model:  # as in FastChat, a model named in the body wins over the path's
-            body = body.model_copy(update={"model": model})
-        return await respond(request, _serving(request).create_embedding(body, context(request)))
-
     router.add_api_route(
         "/api/v1/token_check", token_check, methods=["POST"], response_model=TokenCheckResponse
     )
@@ -107,15 +103,6 @@ async def _tokenize(
     upstream: Upstream, model: str, text: str, ctx: RequestContext
 ) -> worker_pb2.TokenizeResponse:
     return await upstream.tokenize(model, text, deadline=ctx.deadline, metadata=ctx.metadata)
-
-
-def _serving(request: Request) -> OpenAIServing:
-    serving: OpenAIServing = request.app.state.serving
-    return serving
-
-
-def _upstream(request: Request) -> Upstream:
-    return _serving(request).upstream
 
 
 def _body_schema(component: str) -> dict[str, Any]:

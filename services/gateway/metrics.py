@@ -7,6 +7,7 @@ lives in the app's own CollectorRegistry, so several gateways can run in one pro
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import aclosing
@@ -23,6 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatfleet.v1 import worker_pb2
 from services.gateway.clients import Deadline, Metadata, Upstream
+from services.gateway.http_helpers import gateway_state
+from services.gateway.translation import finish_reason
 
 METRICS_PATH = "/metrics"
 
@@ -37,12 +40,8 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
                 300.0, 600.0)  # fmt: skip
 
-# vLLM's finished_reason values.
-FINISHED_REASONS = {
-    worker_pb2.FINISH_REASON_STOP: "stop",
-    worker_pb2.FINISH_REASON_LENGTH: "length",
-    worker_pb2.FINISH_REASON_CANCELLED: "abort",
-}
+# vLLM's finished_reason label values; any other finish reason (a tool call) counts as "stop".
+FINISHED_REASONS = frozenset({"stop", "length", "abort"})
 # Any other method a client sends is counted as "other": labels must stay a small set.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -133,7 +132,9 @@ class GenerationObserver:
                 metrics.inter_token_latency.labels(model).observe(now - self._last_token)
             self._last_token = now
         if response.finish_reason:
-            reason = FINISHED_REASONS.get(response.finish_reason, "stop")
+            reason = finish_reason(response.finish_reason)
+            if reason not in FINISHED_REASONS:
+                reason = "stop"
             metrics.e2e_latency.labels(model).observe(now - self._start)
             metrics.request_success.labels(model, reason).inc()
             metrics.request_prompt_tokens.labels(model).observe(response.usage.prompt_tokens)
@@ -263,8 +264,9 @@ def install_metrics(app: FastAPI, registry: CollectorRegistry | None = None) -> 
     app.state.metrics = metrics
 
     def upstream() -> Upstream | None:
-        serving = getattr(app.state, "serving", None)
-        return getattr(serving, "upstream", None)
+        with contextlib.suppress(AttributeError):  # before start-up
+            return gateway_state(app).upstream
+        return None
 
     metrics.registry.register(_UpstreamCollector(upstream))
     app.add_api_route(METRICS_PATH, _metrics_endpoint, methods=["GET"], include_in_schema=False)

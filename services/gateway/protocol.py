@@ -2,10 +2,11 @@
 
 Request models validate types and ranges strictly (JSON mode: "1" is not a number, "yes" is not a
 boolean). Unknown fields are logged and ignored; fields OpenAI defines that chatfleet cannot honour
-are declared here and rejected with a 400 by serving.py. Fields whose checks need more than types
-(tools, response_format, structured_outputs, logit_bias) are read loosely here and checked where
-they are translated (tools.py, structured.py). Their JSON schemas are the request bodies of the
-gateway's OpenAPI document (app.py).
+are declared here and rejected with a 400 by their endpoint's handler (serving_*.py). Fields whose
+checks need more than types (tools, response_format, structured_outputs, logit_bias) are read
+loosely here and checked where they are translated (tools.py, structured.py, translation.py). Their
+JSON schemas are the request bodies of the gateway's OpenAPI document (app.py). Limits shared with
+the worker (top_logprobs, function names) come from services/common/limits.py.
 """
 
 from __future__ import annotations
@@ -25,19 +26,26 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from services.common.limits import (
+    FUNCTION_NAME_PATTERN,
+    LOGIT_BIAS_MAX,
+    LOGIT_BIAS_MIN,
+    MAX_TOP_LOGPROBS,
+)
+
 logger = logging.getLogger(__name__)
 
 MAX_N = 128
-MAX_TOP_LOGPROBS = 20
 # Prompts (or embedding inputs) of one request, as OpenAI limits embedding inputs; and choices of
 # one completions request (n times the prompts), each of which is a Generate call upstream: a
 # request that fails cancels all of its calls, and a burst of thousands of cancelled calls makes a
 # gRPC server refuse new ones for a moment (its defence against HTTP/2 rapid resets).
 MAX_PROMPTS = 2048
 MAX_CHOICES = 256
-_UINT32_MAX = 2**32 - 1
+# The largest token id, count or token budget a request may give (the worker's uint32 fields).
+UINT32_MAX = 2**32 - 1
 
-TokenId = Annotated[int, Field(ge=0, le=_UINT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
 
 
 class OpenAIRequestModel(BaseModel):
@@ -100,7 +108,7 @@ def _non_empty_lists(definition: dict[str, Any], *, max_items: int | None = None
                 branch["items"]["minItems"] = 1
 
 
-# logit_bias: token ids (as strings) to biases; keys and ranges are checked by serving.py.
+# logit_bias: token ids (as strings) to biases; keys and ranges are checked by translation.py.
 _LOGIT_BIAS = {
     "logit_bias": {
         "anyOf": [
@@ -108,10 +116,16 @@ _LOGIT_BIAS = {
             {
                 "type": "object",
                 "propertyNames": {"pattern": "^[0-9]{1,10}$"},
-                "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                "additionalProperties": {
+                    "type": "number",
+                    # OpenAI's bounds are whole numbers: documented as integers.
+                    "minimum": int(LOGIT_BIAS_MIN),
+                    "maximum": int(LOGIT_BIAS_MAX),
+                },
             },
         ],
-        "description": "Token id (a string of digits) to a bias in [-100, 100] added to its logit.",
+        "description": f"Token id (a string of digits) to a bias in [{LOGIT_BIAS_MIN:g}, "
+        f"{LOGIT_BIAS_MAX:g}] added to its logit.",
     }
 }
 _JSON_SCHEMA_FORMAT = {
@@ -223,7 +237,7 @@ class SamplingExtras(OpenAIRequestModel):
     n: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
+    max_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -233,14 +247,14 @@ class SamplingExtras(OpenAIRequestModel):
     stop: str | list[str] | None = None
     user: str | None = None
     # Extras, as vLLM and FastChat accept them. top_k -1 or 0 means no limit.
-    top_k: int | None = Field(default=None, ge=-1, le=_UINT32_MAX)
+    top_k: int | None = Field(default=None, ge=-1, le=UINT32_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1)
     # Smaller ones overflow the sampler's float32 arithmetic (the worker refuses below 2**-7).
     repetition_penalty: float | None = Field(default=None, ge=0.01)
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None
-    min_tokens: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
-    # Token id (a string) -> bias; checked by serving._logit_bias.
+    min_tokens: int | None = Field(default=None, ge=0, le=UINT32_MAX)
+    # Token id (a string) -> bias; checked by translation.logit_bias.
     logit_bias: dict[str, Any] | None = None
     # Output constraints (structured.py): OpenAI's response_format, vLLM's structured_outputs and
     # its older guided_* fields. At most one of them.
@@ -263,11 +277,8 @@ def _top_logprobs_needs_logprobs(schema: dict[str, Any]) -> None:
     schema["then"] = {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}
 
 
-# OpenAI's rule for function names (ToolDefinition.name in worker.proto).
-FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
-
-
 class FunctionDefinition(OpenAIRequestModel):
+    # OpenAI's rule for function names (ToolDefinition.name in worker.proto).
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = None
     # The JSON Schema of the arguments; absent means none.
@@ -317,7 +328,7 @@ class ChatCompletionRequest(SamplingExtras):
     )
 
     messages: list[ChatMessageParam] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # Tool calling (tools.py); functions and function_call are the legacy spelling.
@@ -328,7 +339,7 @@ class ChatCompletionRequest(SamplingExtras):
     function_call: Literal["none", "auto"] | FunctionName | None = None
     # vLLM's extra: variables for the chat template, e.g. {"enable_thinking": false}.
     chat_template_kwargs: dict[str, Any] | None = None
-    # Unsupported: rejected when set (see serving._reject_unsupported_chat).
+    # Unsupported: rejected when set (see serving_chat._reject_unsupported_chat).
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -374,10 +385,10 @@ class CompletionRequest(SamplingExtras):
 
     prompt: CompletionPrompt
     # 0 only with echo: the prompt is scored (its logprobs) and nothing generated.
-    max_tokens: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
+    max_tokens: int | None = Field(default=None, ge=0, le=UINT32_MAX)
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Unsupported: rejected when set (see serving._reject_unsupported_completion).
+    # Unsupported: rejected when set (see serving_completions._reject_unsupported_completion).
     suffix: str | None = None
     best_of: int | None = None
 
@@ -389,7 +400,7 @@ class CompletionRequest(SamplingExtras):
 
 
 def _embedding_input_schema(schema: dict[str, Any]) -> None:
-    # Texts only: token id inputs are refused (serving._embedding_inputs).
+    # Texts only: token id inputs are refused (serving_embeddings._embedding_inputs).
     text_input = schema["properties"]["input"]
     text_input["anyOf"] = [
         branch
@@ -441,7 +452,7 @@ class EngineEmbeddingRequest(EmbeddingRequest):
 class TokenCheckItem(OpenAIRequestModel):
     model: str
     prompt: str
-    max_tokens: int = Field(ge=0, le=_UINT32_MAX)
+    max_tokens: int = Field(ge=0, le=UINT32_MAX)
 
 
 class TokenCheckRequest(OpenAIRequestModel):

@@ -7,31 +7,44 @@ conversation in `input` instead (its earlier output items included, which are ac
 The worker's messages become output items in the order they arrive: a reasoning item (reasoning
 text), a message (text), then one function_call item per tool call. The same builder produces the
 stream events and the final response, so a streamed response ends exactly as the plain one reads.
-Streams are primed as serving.py's are (an early failure is a plain HTTP error); a failure after the
-stream started is sent as an `error` event, which ends it. Finish reasons: LENGTH -> "incomplete"
-with reason "max_output_tokens"; CANCELLED (the worker gave up, e.g. draining) -> "incomplete"
-without a reason, so a cut-short answer never passes for a finished one.
+Streams are primed as every stream is (http_helpers.py: an early failure is a plain HTTP error); a
+failure after the stream started is sent as an `error` event, which ends it. Finish reasons (as
+translation.py names them): "length" -> "incomplete" with reason "max_output_tokens"; "abort" (the
+worker gave up, e.g. draining) -> "incomplete" without a reason, so a cut-short answer never passes
+for a finished one.
+
+Roles, tool definitions, tool choices and text.format constraints are built by the functions chat
+uses (translation.py, tools.py, structured.py); what is read here are the Responses API's own
+shapes (input items, flat function tools, text.format).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 from pydantic import BaseModel, ValidationError
 
 from chatfleet.v1 import worker_pb2
 from services.common.errors import ChatfleetError, InvalidRequestError
-from services.gateway.clients import Deadline, Upstream
+from services.gateway.clients import Upstream
 from services.gateway.errors import APIError, from_validation_errors, to_api_error
+from services.gateway.http_helpers import (
+    EventStream,
+    HandledError,
+    RequestContext,
+    RouteTimeouts,
+    chained,
+    first_item,
+    merge_streams,
+)
 from services.gateway.responses_protocol import (
     RESPONSES_FIELD_NAMES,
     ContentPartEvent,
@@ -68,28 +81,21 @@ from services.gateway.responses_protocol import (
     TextFormatJSONSchema,
     TextFormatText,
 )
-from services.gateway.serving import (
-    EventStream,
-    HandledError,
-    RequestContext,
-    RouteTimeouts,
-    _chain,
-    _first,
-    _merge,
-)
-from services.gateway.tools import ROLES
+from services.gateway.structured import WORKER_CONSTRAINT_PARAM, text_format_constraint
+from services.gateway.tools import TOOL_CHOICE_MODES, tool_choice, tool_definition
+from services.gateway.translation import ROLES, finish_reason, unsupported
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-_TOOL_CHOICE_MODES = {
-    "none": worker_pb2.TOOL_CHOICE_MODE_NONE,
-    "auto": worker_pb2.TOOL_CHOICE_MODE_AUTO,
-    "required": worker_pb2.TOOL_CHOICE_MODE_REQUIRED,
-}
 # Worker parameters that are spelled differently in a Responses request.
-_PARAM_NAMES = {"constraint": "text.format"}
+_PARAM_NAMES = {WORKER_CONSTRAINT_PARAM: "text.format"}
+# Finish reasons that leave a response incomplete -> its incomplete_details.reason.
+_INCOMPLETE_REASONS: dict[str, Literal["max_output_tokens"] | None] = {
+    "length": "max_output_tokens",
+    "abort": None,
+}
 
 
 class ResponsesServing:
@@ -104,15 +110,15 @@ class ResponsesServing:
     ) -> ResponseObject | EventStream:
         generate = to_generate_request(request)
         generate.request_id = ctx.request_id
-        deadline = Deadline(self.timeouts.stream) if request.stream else ctx.deadline
-        merged = _merge(
+        deadline = self.timeouts.generation(request.stream, ctx)
+        merged = merge_streams(
             [self.upstream.generate(generate, deadline=deadline, metadata=ctx.metadata)]
         )
         shell = _ResponseShell.of(request)
         builder = _OutputBuilder()
         if request.stream:
             try:
-                first = await _first(merged, self.timeouts.first_token)
+                first = await first_item(merged, self.timeouts.first_token)
             except grpc.aio.AioRpcError as error:
                 raise _api_error(error) from None
             return EventStream(_stream_events(shell, builder, first, merged), merged.aclose)
@@ -168,22 +174,18 @@ def to_generate_request(request: ResponsesRequest) -> worker_pb2.GenerateRequest
     return generate
 
 
-def _unsupported(param: str, what: str) -> InvalidRequestError:
-    return InvalidRequestError(f"'{param}' is not supported by chatfleet: {what}.", param=param)
-
-
 def _reject_unsupported(request: ResponsesRequest) -> None:
     stateless = "responses are not stored; send the whole conversation in 'input'"
     if request.previous_response_id is not None:
-        raise _unsupported("previous_response_id", stateless)
+        raise unsupported("previous_response_id", stateless)
     if request.conversation is not None:
-        raise _unsupported("conversation", stateless)
+        raise unsupported("conversation", stateless)
     if request.background:
-        raise _unsupported("background", "responses are answered while the request is open")
+        raise unsupported("background", "responses are answered while the request is open")
     if request.prompt is not None:
-        raise _unsupported("prompt", "stored prompt templates are not available")
+        raise unsupported("prompt", "stored prompt templates are not available")
     if request.top_logprobs:
-        raise _unsupported("top_logprobs", "logprobs are not available on this route")
+        raise unsupported("top_logprobs", "logprobs are not available on this route")
     if request.reasoning is not None:
         # Reasoning models think as their template and parser say; there is no budget to set.
         logger.warning(
@@ -296,11 +298,9 @@ def _strict(tool: FunctionToolParam) -> bool:
 
 
 def _tool_definition(tool: FunctionToolParam) -> worker_pb2.ToolDefinition:
-    return worker_pb2.ToolDefinition(
-        name=tool.name,
-        description=tool.description or "",
-        parameters_json=json.dumps(tool.parameters) if tool.parameters else "",
-        strict=_strict(tool),
+    # Empty parameters ({}) are sent as none, as this route always has.
+    return tool_definition(
+        tool.name, tool.description, tool.parameters or None, strict=_strict(tool)
     )
 
 
@@ -308,16 +308,10 @@ def _tool_choice(
     value: Any, tools: Sequence[FunctionToolParam], parallel: bool | None
 ) -> worker_pb2.ToolChoice | None:
     """The worker's ToolChoice; None when there are no tools (and none was asked for)."""
-    choice = worker_pb2.ToolChoice()
-    if parallel is not None:
-        choice.parallel_tool_calls = parallel
     if value is None:
-        if not tools:
-            return None
-        choice.mode = worker_pb2.TOOL_CHOICE_MODE_AUTO
-        return choice
+        return tool_choice("auto", parallel) if tools else None
     if isinstance(value, str):
-        if value not in _TOOL_CHOICE_MODES:
+        if value not in TOOL_CHOICE_MODES:
             raise InvalidRequestError(
                 "'tool_choice' must be 'none', 'auto', 'required' or "
                 '{"type": "function", "name": ...}.',
@@ -327,10 +321,7 @@ def _tool_choice(
             raise InvalidRequestError(
                 "'tool_choice' is 'required' but no tools were given.", param="tool_choice"
             )
-        if not tools:
-            return None
-        choice.mode = _TOOL_CHOICE_MODES[value]
-        return choice
+        return tool_choice(value, parallel) if tools else None
     named = _object(value, ("tool_choice",), 'a string or {"type": "function", "name": ...}')
     if named.get("type") != "function":
         raise InvalidRequestError(
@@ -343,9 +334,7 @@ def _tool_choice(
             f"'tool_choice.name' must name one of the function tools, got {name!r}.",
             param="tool_choice.name",
         )
-    choice.mode = worker_pb2.TOOL_CHOICE_MODE_NAMED
-    choice.name = name
-    return choice
+    return tool_choice(None, parallel, name=name)
 
 
 def _constraint(value: dict[str, Any] | None) -> worker_pb2.OutputConstraint | None:
@@ -355,13 +344,13 @@ def _constraint(value: dict[str, Any] | None) -> worker_pb2.OutputConstraint | N
     kind = value.get("type")
     if kind == "text":
         _validated(TextFormatText, value, where)
-        return None
+        return text_format_constraint(kind)
     if kind == "json_object":
         _validated(TextFormatJSONObject, value, where)
-        return worker_pb2.OutputConstraint(json_object=True)
+        return text_format_constraint(kind)
     if kind == "json_schema":
         schema = _validated(TextFormatJSONSchema, value, where)
-        return worker_pb2.OutputConstraint(json_schema=json.dumps(schema.schema_))
+        return text_format_constraint(kind, schema.schema_)
     raise InvalidRequestError(
         f"'text.format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}.",
         param="text.format.type",
@@ -456,16 +445,13 @@ class _OutputBuilder:
         return events
 
     def status(self) -> ResponseStatus:
-        if self.finish in (worker_pb2.FINISH_REASON_LENGTH, worker_pb2.FINISH_REASON_CANCELLED):
-            return "incomplete"
-        return "completed"
+        return "incomplete" if finish_reason(self.finish) in _INCOMPLETE_REASONS else "completed"
 
     def response(self, shell: _ResponseShell) -> ResponseObject:
         details = None
-        if self.finish == worker_pb2.FINISH_REASON_LENGTH:
-            details = IncompleteDetails(reason="max_output_tokens")
-        elif self.finish == worker_pb2.FINISH_REASON_CANCELLED:
-            details = IncompleteDetails()
+        reason = finish_reason(self.finish)
+        if reason in _INCOMPLETE_REASONS:
+            details = IncompleteDetails(reason=_INCOMPLETE_REASONS[reason])
         return shell.response(
             status=self.status(),
             incomplete_details=details,
@@ -620,7 +606,7 @@ async def _stream_events(
         started = shell.response(status="in_progress")
         yield sse(ResponseLifecycleEvent(type="response.created", response=started))
         yield sse(ResponseLifecycleEvent(type="response.in_progress", response=started))
-        async for _, message in _chain(first, merged):
+        async for _, message in chained(first, merged):
             for event in builder.add(message):
                 yield sse(event)
         for event in builder.close():

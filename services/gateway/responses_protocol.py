@@ -16,11 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.gateway.protocol import OpenAIRequestModel
+from services.common.limits import FUNCTION_NAME_PATTERN, MAX_TOP_LOGPROBS
+from services.gateway.protocol import UINT32_MAX, OpenAIRequestModel
 
-_UINT32_MAX = 2**32 - 1
-# OpenAI's rule for function and schema names.
-NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_METADATA_KEYS = 16
 
 
@@ -73,7 +71,7 @@ class FunctionToolParam(OpenAIRequestModel):
     """A function the model may call (the Responses shape: no nested `function` object)."""
 
     type: Literal["function"]
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     # The Responses API makes function tools strict unless told otherwise.
@@ -92,7 +90,8 @@ class TextFormatJSONSchema(OpenAIRequestModel):
     model_config = ConfigDict(populate_by_name=True)
 
     type: Literal["json_schema"]
-    name: str = Field(pattern=NAME_PATTERN)
+    # OpenAI names schemas by the rule of function names.
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     # `schema` would shadow a BaseModel attribute: the field is `schema_`, spelled `schema` in JSON.
     schema_: dict[str, Any] = Field(alias="schema")
     description: str | None = None
@@ -119,7 +118,7 @@ class ResponsesRequest(OpenAIRequestModel):
     # A string (one user message) or a list of items, each checked by responses.py.
     input: str | list[Any]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     # Each checked by responses.py: only {"type": "function", ...} tools are supported.
@@ -145,7 +144,7 @@ class ResponsesRequest(OpenAIRequestModel):
     conversation: Any = None
     background: bool | None = None
     prompt: Any = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 def _field_names(*models: type[BaseModel]) -> frozenset[str]:
@@ -280,7 +279,7 @@ class ResponseObject(BaseModel):
 
 
 # --- stream events -------------------------------------------------------------------------------
-# `sequence_number` is filled in as each event is sent (responses._ResponseEvents).
+# `sequence_number` is filled in as each event is sent (responses._numbered).
 
 
 class ResponseLifecycleEvent(BaseModel):

@@ -1,5 +1,7 @@
 """Structured output at the edge: OpenAI's `response_format`, vLLM's `structured_outputs` and its
-older `guided_*` fields, checked and translated to one worker_pb2.OutputConstraint.
+older `guided_*` fields, checked and translated to one worker_pb2.OutputConstraint; and the text
+formats (text, json_object, json_schema) that chat's response_format and the Responses API's
+text.format share, translated by `text_format_constraint` for both.
 
 A request names at most one constraint; the worker compiles it (and refuses what it cannot with
 INVALID_ARGUMENT on param "constraint", which the gateway reports on the field the client used).
@@ -11,7 +13,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from chatfleet.v1 import worker_pb2
 from services.common.errors import InvalidRequestError
@@ -33,6 +35,23 @@ _IGNORED_STRUCTURED_FIELDS = frozenset(
         "whitespace_pattern",
     }
 )
+
+
+TextFormat = Literal["text", "json_object", "json_schema"]
+TEXT_FORMATS: tuple[TextFormat, ...] = ("text", "json_object", "json_schema")
+
+
+def text_format_constraint(
+    kind: TextFormat, schema: Mapping[str, Any] | None = None
+) -> worker_pb2.OutputConstraint | None:
+    """The constraint of a text format: none for "text", any JSON object for "json_object", JSON
+    that follows `schema` for "json_schema" (enforced, strict or not: a constraint the client
+    asked for is never dropped)."""
+    if kind == "json_object":
+        return worker_pb2.OutputConstraint(json_object=True)
+    if kind == "json_schema":
+        return worker_pb2.OutputConstraint(json_schema=json.dumps(schema))
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,14 +92,18 @@ def _response_format(value: Any) -> Constraint | None:
     if not isinstance(value, dict):
         raise InvalidRequestError("'response_format' must be an object.", param=param)
     kind = value.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return Constraint(worker_pb2.OutputConstraint(json_object=True), param)
-    if kind != "json_schema":
+    if kind not in TEXT_FORMATS:
         raise InvalidRequestError(
             "'response_format.type' must be 'text', 'json_object' or 'json_schema'.", param=param
         )
+    schema = _response_format_schema(value) if kind == "json_schema" else None
+    proto = text_format_constraint(kind, schema)
+    return None if proto is None else Constraint(proto, param)
+
+
+def _response_format_schema(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of a `json_schema` response_format, its wrapper checked."""
+    param = "response_format"
     spec = value.get("json_schema")
     if not isinstance(spec, dict):
         raise InvalidRequestError(
@@ -104,8 +127,7 @@ def _response_format(value: Any) -> Constraint | None:
         raise InvalidRequestError(
             "'response_format.json_schema.schema' must be a JSON Schema object.", param=param
         )
-    # strict or not, the schema is enforced: a constraint the client asked for is never dropped.
-    return Constraint(worker_pb2.OutputConstraint(json_schema=json.dumps(schema)), param)
+    return schema
 
 
 def _structured_outputs(value: Any) -> Constraint | None:

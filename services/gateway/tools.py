@@ -1,5 +1,7 @@
-"""Tool calling at the edge: OpenAI's tools, tool_choice and tool turns (and their legacy
-`functions` spelling) to worker.proto, and the worker's tool-call pieces back to OpenAI's shapes.
+"""Tool calling at the edge: OpenAI's tools and tool_choice (and their legacy `functions` spelling)
+to worker.proto, and the worker's tool-call pieces back to OpenAI's shapes. The worker's
+ToolDefinition and ToolChoice are built here for chat and the Responses API alike; tool turns of the
+conversation are translated with the other messages (translation.py).
 
 The worker renders the tools with the chat template, forces REQUIRED and NAMED choices with a
 grammar and parses the calls out of the output; the gateway checks what the client sent and keeps
@@ -11,14 +13,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from chatfleet.v1 import worker_pb2
 from services.common.errors import InvalidRequestError
 from services.gateway.protocol import (
     ChatCompletionRequest,
-    ChatMessageParam,
     DeltaFunctionCall,
     DeltaToolCall,
     FunctionCall,
@@ -28,16 +30,40 @@ from services.gateway.protocol import (
     ToolCall,
 )
 
-# OpenAI roles -> the worker's ("developer" is OpenAI's new name for "system"); chat and the
-# Responses API both translate with it.
-ROLES = {
-    "system": "system",
-    "developer": "system",
-    "user": "user",
-    "assistant": "assistant",
-    "tool": "tool",
-    "function": "tool",
+# OpenAI's tool_choice modes -> the worker's (a named function is TOOL_CHOICE_MODE_NAMED).
+TOOL_CHOICE_MODES: dict[str, worker_pb2.ToolChoiceMode] = {
+    "none": worker_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": worker_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": worker_pb2.TOOL_CHOICE_MODE_REQUIRED,
 }
+
+
+def tool_definition(
+    name: str, description: str | None, parameters: Mapping[str, Any] | None, *, strict: bool
+) -> worker_pb2.ToolDefinition:
+    """A function the model may call; `parameters` None: it takes none."""
+    return worker_pb2.ToolDefinition(
+        name=name,
+        description=description or "",
+        parameters_json="" if parameters is None else json.dumps(parameters),
+        strict=strict,
+    )
+
+
+def tool_choice(
+    mode: str | None, parallel: bool | None, *, name: str | None = None
+) -> worker_pb2.ToolChoice:
+    """The worker's ToolChoice: a `mode` of TOOL_CHOICE_MODES, or the function `name` the model
+    must call (mode None); `parallel` None leaves parallel calls to the worker's default."""
+    choice = worker_pb2.ToolChoice()
+    if parallel is not None:
+        choice.parallel_tool_calls = parallel
+    if name is not None:
+        choice.mode = worker_pb2.TOOL_CHOICE_MODE_NAMED
+        choice.name = name
+    elif mode is not None:
+        choice.mode = TOOL_CHOICE_MODES[mode]
+    return choice
 
 
 @dataclass(frozen=True)
@@ -98,16 +124,8 @@ def chat_tools(request: ChatCompletionRequest) -> ChatTools:
                 f"'{choice_param}' needs '{where}': there is no tool to call.", param=choice_param
             )
         return ChatTools([], None, where, choice_param)
-    choice = worker_pb2.ToolChoice()
-    if request.parallel_tool_calls is not None:
-        choice.parallel_tool_calls = request.parallel_tool_calls
-    if choice_value is None or choice_value == "auto":
-        choice.mode = worker_pb2.TOOL_CHOICE_MODE_AUTO
-    elif choice_value == "none":
-        choice.mode = worker_pb2.TOOL_CHOICE_MODE_NONE
-    elif choice_value == "required":
-        choice.mode = worker_pb2.TOOL_CHOICE_MODE_REQUIRED
-    elif isinstance(choice_value, FunctionName | NamedToolChoice):
+    parallel = request.parallel_tool_calls
+    if isinstance(choice_value, FunctionName | NamedToolChoice):
         name = (
             choice_value.name
             if isinstance(choice_value, FunctionName)
@@ -118,8 +136,9 @@ def chat_tools(request: ChatCompletionRequest) -> ChatTools:
                 f"'{choice_param}' names the function {name!r}, which is not in '{where}'.",
                 param=choice_param,
             )
-        choice.mode = worker_pb2.TOOL_CHOICE_MODE_NAMED
-        choice.name = name
+        choice = tool_choice(None, parallel, name=name)
+    else:
+        choice = tool_choice(choice_value or "auto", parallel)
     return ChatTools(definitions, choice, where, choice_param)
 
 
@@ -140,86 +159,9 @@ def _function_tools(request: ChatCompletionRequest) -> list[FunctionDefinition]:
 
 
 def _definition(function: FunctionDefinition) -> worker_pb2.ToolDefinition:
-    return worker_pb2.ToolDefinition(
-        name=function.name,
-        description=function.description or "",
-        parameters_json="" if function.parameters is None else json.dumps(function.parameters),
-        strict=bool(function.strict),
+    return tool_definition(
+        function.name, function.description, function.parameters, strict=bool(function.strict)
     )
-
-
-# --- messages ----------------------------------------------------------------------------------
-
-
-def chat_messages(messages: Sequence[ChatMessageParam]) -> list[worker_pb2.ChatMessage]:
-    """The conversation for the worker. A legacy assistant `function_call` gets an id of its own,
-    which the "function" turn after it answers."""
-    converted = []
-    legacy_call_id = ""
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        turn = worker_pb2.ChatMessage(role=ROLES[message.role], name=message.name or "")
-        if message.role == "tool":
-            if not message.tool_call_id:
-                raise InvalidRequestError(
-                    "A tool message needs the 'tool_call_id' of the call it answers.",
-                    param=f"{where}.tool_call_id",
-                )
-            turn.tool_call_id = message.tool_call_id
-        elif message.role == "function":
-            if not message.name:
-                raise InvalidRequestError(
-                    "A function message needs the 'name' of the function that produced it.",
-                    param=f"{where}.name",
-                )
-            turn.tool_call_id = legacy_call_id
-        elif message.tool_calls or message.function_call is not None:
-            if message.role != "assistant":
-                param = "tool_calls" if message.tool_calls else "function_call"
-                raise InvalidRequestError(
-                    "Only assistant messages carry tool calls.", param=f"{where}.{param}"
-                )
-            for call in message.tool_calls or ():
-                turn.tool_calls.add(
-                    id=call.id, name=call.function.name, arguments=call.function.arguments
-                )
-            if message.function_call is not None:
-                legacy_call_id = f"call_{i}"
-                turn.tool_calls.add(
-                    id=legacy_call_id,
-                    name=message.function_call.name,
-                    arguments=message.function_call.arguments,
-                )
-        calls_tools = bool(turn.tool_calls)
-        turn.content = _message_text(message, where, may_be_null=calls_tools)
-        converted.append(turn)
-    return converted
-
-
-def _message_text(message: ChatMessageParam, where: str, *, may_be_null: bool) -> str:
-    content = message.content
-    if content is None:
-        if may_be_null:
-            return ""
-        raise InvalidRequestError(
-            f"'{where}.content' must be a string or a list of text parts.",
-            param=f"{where}.content",
-        )
-    if isinstance(content, str):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        if part.type != "text":
-            raise InvalidRequestError(
-                f"Content parts of type {part.type!r} are not supported: only 'text' parts are.",
-                param=f"{where}.content[{j}].type",
-            )
-        if part.text is None:
-            raise InvalidRequestError(
-                "A text part needs a 'text' string.", param=f"{where}.content[{j}].text"
-            )
-        texts.append(part.text)
-    return "\n".join(texts)
 
 
 # --- answers -----------------------------------------------------------------------------------

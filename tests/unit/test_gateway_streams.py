@@ -11,7 +11,7 @@ from gateway_fakes import REPLY, chat_body, fake_fleet, gateway_client
 
 from chatfleet.v1 import worker_pb2
 from services.common.errors import OverloadedError
-from services.gateway.serving import _merge
+from services.gateway.http_helpers import merge_streams
 
 WAIT_S = 10.0
 
@@ -39,7 +39,7 @@ class Stream:
 async def test_closing_the_merge_closes_every_stream() -> None:
     # Both streams have an item ready at once: one read completes but is never consumed.
     streams = [Stream(1, 2, 3), Stream(10, 20, 30)]
-    merged = _merge([s.iterator for s in streams])
+    merged = merge_streams([s.iterator for s in streams])
     assert await anext(merged) == (0, 1)
     await merged.aclose()
     assert [s.closed for s in streams] == [True, True]
@@ -47,7 +47,7 @@ async def test_closing_the_merge_closes_every_stream() -> None:
 
 async def test_a_failing_stream_ends_the_merge_and_closes_the_others() -> None:
     streams = [Stream(error=ValueError("boom")), Stream(10, 20, 30)]
-    merged = _merge([s.iterator for s in streams])
+    merged = merge_streams([s.iterator for s in streams])
     with pytest.raises(ValueError, match="boom"):
         async for _ in merged:
             pass
@@ -56,7 +56,7 @@ async def test_a_failing_stream_ends_the_merge_and_closes_the_others() -> None:
 
 async def test_merge_interleaves_to_the_end() -> None:
     streams = [Stream(1, 2), Stream(10)]
-    merged = _merge([s.iterator for s in streams])
+    merged = merge_streams([s.iterator for s in streams])
     items = [item async for item in merged]
     assert sorted(items) == [(0, 1), (0, 2), (1, 10)]
     assert [s.closed for s in streams] == [True, True]

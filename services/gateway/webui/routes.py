@@ -1,7 +1,8 @@
 """Routes of the web UI: the page and its assets (open, like /health), the JSON API behind the
 arena and the leaderboard, also at GET /api/v1/leaderboard (behind the API key, like the OpenAI
-routes).
+routes), and the arena's store, opened and closed by the routes' lifespan (WebUIState).
 
+Bodies, request contexts and responses go through the gateway's own helpers (http_helpers.py).
 Arena answers stream through the gateway's own chat handler, so the browser never learns which
 model stands behind side "a" or "b" until it has voted: the model names in every chunk and error
 are replaced by the side's label.
@@ -14,20 +15,28 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import grpc
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
 
 from chatfleet.v1 import common_pb2
-from services.common.errors import ChatfleetError
 from services.gateway.arena import Arena
-from services.gateway.config import GatewayConfig
-from services.gateway.errors import APIError, from_validation_errors, to_api_error
+from services.gateway.errors import APIError, to_api_error
+from services.gateway.http_helpers import (
+    EventStream,
+    HandledError,
+    gateway_state,
+    json_response,
+    parse_body,
+    request_context,
+    respond,
+)
 from services.gateway.protocol import (
     REQUEST_FIELD_NAMES,
     ChatCompletionRequest,
@@ -35,7 +44,6 @@ from services.gateway.protocol import (
     OpenAIRequestModel,
     StreamOptions,
 )
-from services.gateway.serving import EventStream, OpenAIServing, RequestContext
 from services.leaderboard.board import Board, Leaderboard
 from services.leaderboard.store import (
     Battle,
@@ -50,10 +58,6 @@ from services.leaderboard.store import (
 
 logger = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=BaseModel)
-ContextOf = Callable[[Request], RequestContext]
-Respond = Callable[[Request, Awaitable[BaseModel | EventStream]], Awaitable[Response]]
-
 STATIC_DIR = Path(__file__).parent / "static"
 ASSETS_PREFIX = "/ui"
 # The page and its assets need no API key (they hold no data); the page asks for the key.
@@ -67,7 +71,8 @@ PUBLIC_PATHS = frozenset(
     }
 )
 _SIDE_LABELS = {"a": "model_a", "b": "model_b"}
-# An arena request holds one short conversation.
+# An arena request holds one short conversation: its body may be at most this large (and, as
+# every body, at most --max-body-bytes).
 MAX_BODY_BYTES = 1024 * 1024
 
 
@@ -193,27 +198,6 @@ def chat_models(models: list[common_pb2.ModelInfo]) -> list[str]:
     return sorted(names)
 
 
-def _json(model: BaseModel, status_code: int = 200) -> Response:
-    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
-
-
-async def _parse(request: Request, model: type[M]) -> M:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(
-                413,
-                f"The request body is larger than {MAX_BODY_BYTES} bytes.",
-                "invalid_request_error",
-                code="request_too_large",
-            )
-    try:
-        return model.model_validate_json(bytes(body))
-    except ValidationError as error:
-        raise from_validation_errors(error.errors(include_url=False), _FIELD_NAMES) from None
-
-
 def _battle_not_found(battle_id: str) -> APIError:
     return APIError(
         404,
@@ -262,24 +246,29 @@ async def _anonymous_events(
 # --- routes ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WebUIState:
+    """The arena and the leaderboard over one store, from start-up to shutdown; kept on
+    `app.state.webui`."""
+
+    arena: Arena
+    leaderboard: Leaderboard
+
+    def install(self, app: Starlette) -> None:
+        app.state.webui = self
+
+
+def webui_state(app: Starlette) -> WebUIState:
+    state: WebUIState = app.state.webui
+    return state
+
+
 class WebUIRoutes:
-    """The web UI's endpoints, built on the app's own helpers: `context` gives a request its id
-    and deadlines, `respond` runs a handler and cancels it (and its gRPC calls) when the client
-    goes away."""
-
-    def __init__(self, context: ContextOf, respond: Respond) -> None:
-        self._context = context
-        self._respond = respond
-
-    @staticmethod
-    def _serving(request: Request) -> OpenAIServing:
-        serving: OpenAIServing = request.app.state.serving
-        return serving
+    """The web UI's endpoints, built on the gateway's own helpers and state."""
 
     @staticmethod
     def _arena(request: Request) -> Arena:
-        arena: Arena = request.app.state.arena
-        return arena
+        return webui_state(request.app).arena
 
     async def index(self, request: Request) -> Response:
         # no-cache: the page is revalidated (cheaply, by ETag) so an upgrade shows at once.
@@ -287,13 +276,13 @@ class WebUIRoutes:
 
     async def models(self, request: Request) -> Response:
         """The served models with what they can do (the OpenAI list does not say)."""
-        ctx = self._context(request)
-        infos = await self._serving(request).upstream.list_models(
+        ctx = request_context(request)
+        infos = await gateway_state(request.app).upstream.list_models(
             deadline=ctx.deadline, metadata=ctx.metadata
         )
         chat = set(chat_models(infos))
         by_name = {info.name: info for info in infos}
-        return _json(
+        return json_response(
             UIModelList(
                 data=[
                     UIModel(
@@ -307,8 +296,8 @@ class WebUIRoutes:
         )
 
     async def start_battle(self, request: Request) -> Response:
-        ctx = self._context(request)
-        infos = await self._serving(request).upstream.list_models(
+        ctx = request_context(request)
+        infos = await gateway_state(request.app).upstream.list_models(
             deadline=ctx.deadline, metadata=ctx.metadata
         )
         names = chat_models(infos)
@@ -321,13 +310,15 @@ class WebUIRoutes:
             )
         battle = await self._arena(request).start(names)
         logger.info("arena battle %s started", battle.id)
-        return _json(
+        return json_response(
             BattleResponse(id=battle.id, created=int(battle.created), self_match=battle.self_match),
             status_code=201,
         )
 
     async def battle_completion(self, request: Request, battle_id: str) -> Response:
-        body = await _parse(request, ArenaCompletionRequest)
+        body = await parse_body(
+            request, ArenaCompletionRequest, _FIELD_NAMES, max_bytes=MAX_BODY_BYTES
+        )
         try:
             battle: Battle = await self._arena(request).ask(battle_id, body.side)
         except BattleNotFoundError:
@@ -344,16 +335,16 @@ class WebUIRoutes:
             stream=True,
             stream_options=StreamOptions(include_usage=True),
         )
-        return await self._respond(request, self._anonymous_stream(request, chat, name, label))
+        return await respond(request, self._anonymous_stream(request, chat, name, label))
 
     async def _anonymous_stream(
         self, request: Request, chat: ChatCompletionRequest, name: str, label: str
     ) -> BaseModel | EventStream:
         try:
-            result = await self._serving(request).create_chat_completion(
-                chat, self._context(request)
+            result = await gateway_state(request.app).chat.create_chat_completion(
+                chat, request_context(request)
             )
-        except (APIError, ChatfleetError, grpc.aio.AioRpcError) as error:
+        except HandledError as error:
             api_error = to_api_error(error)
             api_error.message = _hide(api_error.message, name, label)
             raise api_error from None
@@ -361,7 +352,7 @@ class WebUIRoutes:
         return EventStream(_anonymous_events(result.events, name, label), result.close)
 
     async def vote(self, request: Request) -> Response:
-        body = await _parse(request, VoteRequest)
+        body = await parse_body(request, VoteRequest, _FIELD_NAMES, max_bytes=MAX_BODY_BYTES)
         # One atomic write in the store: two votes racing on a battle, through this gateway or
         # another, cannot both count.
         try:
@@ -378,7 +369,7 @@ class WebUIRoutes:
                 "battle_id",
             ) from None
         logger.info("arena battle %s: vote %s", vote.battle_id, vote.winner)
-        return _json(
+        return json_response(
             VoteResponse(
                 battle_id=vote.battle_id,
                 winner=vote.winner,
@@ -390,22 +381,22 @@ class WebUIRoutes:
     async def leaderboard(self, request: Request) -> Response:
         """Arena ratings (Bradley-Terry with bootstrap intervals, online Elo) and MT-bench scores
         from the shared store."""
-        board: Leaderboard = request.app.state.leaderboard
-        return _json(LeaderboardResponse.of(await board.board()))
+        board = webui_state(request.app).leaderboard
+        return json_response(LeaderboardResponse.of(await board.board()))
 
 
 def _router(routes: WebUIRoutes) -> APIRouter:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        config: GatewayConfig = app.state.config
+        # The gateway's lifespan, which installs its state, has started before this one.
+        config = gateway_state(app).config
         # A PostgreSQL store that cannot be reached stops the start-up here, saying why.
         try:
             store = await open_store(config.leaderboard_store_url)
         except StoreUnavailableError as error:
             logger.error("the gateway cannot start: %s", error)
             raise
-        app.state.arena = Arena(store, random.Random())
-        app.state.leaderboard = Leaderboard(store)
+        WebUIState(Arena(store, random.Random()), Leaderboard(store)).install(app)
         logger.info("arena battles and votes are kept in the %s", store.description)
         try:
             yield
@@ -434,7 +425,7 @@ def _router(routes: WebUIRoutes) -> APIRouter:
     return router
 
 
-def install_webui(app: FastAPI, *, context: ContextOf, respond: Respond) -> None:
+def install_webui(app: FastAPI) -> None:
     """Add the page, its assets and the arena API to the gateway app."""
-    app.include_router(_router(WebUIRoutes(context, respond)))
+    app.include_router(_router(WebUIRoutes()))
     app.mount(ASSETS_PREFIX, StaticFiles(directory=STATIC_DIR), name="webui-assets")
