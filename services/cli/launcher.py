@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatfleet.v1 import controller_pb2, controller_pb2_grpc
+from services.common.backoff import Backoff
 from services.common.grpc_server import open_channel
 from services.common.security import GrpcSecurity, security_from_environ
 
@@ -160,7 +161,7 @@ async def wait_grpc_serving(
     """Return once the health service at address reports SERVING. The Watch stream pushes every
     change, so this waits on the server rather than polling; a refused connection is retried
     with backoff because the process may not be listening yet."""
-    delay = 0.05
+    backoff = Backoff()
     while True:
         async with open_channel(address, _security(security)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -173,13 +174,12 @@ async def wait_grpc_serving(
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
+        await backoff.sleep()
 
 
 async def wait_http_ok(url: str) -> None:
     """Return once GET url answers 200, retrying refused connections with backoff."""
-    delay = 0.05
+    backoff = Backoff()
     async with httpx.AsyncClient(timeout=5.0) as client:
         while True:
             try:
@@ -187,8 +187,31 @@ async def wait_http_ok(url: str) -> None:
                     return
             except httpx.TransportError:
                 pass
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            await backoff.sleep()
+
+
+async def watch_fleet(
+    controller_address: str, *, security: GrpcSecurity | None = None
+) -> AsyncGenerator[controller_pb2.WatchWorkersResponse, None]:
+    """The controller's fleet now and after every change, from its WatchWorkers stream (pushed,
+    not polled). The stream is opened again, with backoff, when the controller is not there yet or
+    ends it (a controller restarting), so the fleet of the new one follows. Iterate it within
+    `contextlib.aclosing`."""
+    backoff = Backoff(cap=0.5)
+    async with open_channel(controller_address, _security(security)) as channel:
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        while True:
+            call = stub.WatchWorkers(controller_pb2.WatchWorkersRequest(), wait_for_ready=True)
+            try:
+                async for reply in call:
+                    backoff.reset()
+                    yield reply
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            finally:
+                call.cancel()
+            await backoff.sleep()
 
 
 async def wait_models_listed(
@@ -196,15 +219,11 @@ async def wait_models_listed(
 ) -> None:
     """Return once the controller lists every model in names (a worker registers right after it
     turns SERVING, so this is usually immediate)."""
-    delay = 0.05
-    async with open_channel(controller_address, _security(security)) as channel:
-        stub = controller_pb2_grpc.ControllerServiceStub(channel)
-        while True:
-            reply = await stub.ListModels(controller_pb2.ListModelsRequest(), wait_for_ready=True)
-            if set(names) <= {model.name for model in reply.models}:
+    wanted = set(names)
+    async with contextlib.aclosing(watch_fleet(controller_address, security=security)) as fleet:
+        async for reply in fleet:
+            if wanted <= {model.name for model in reply.models}:
                 return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
 
 
 def _security(security: GrpcSecurity | None) -> GrpcSecurity:

@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.grpc_errors import ErrorMappingInterceptor
-from services.common.request_id import RequestIdInterceptor
+from services.common.grpc_request_id import RequestIdInterceptor
 from services.common.security import NO_SECURITY, GrpcSecurity
 
 # Large enough for embedding batches and long prompts given as token ids.

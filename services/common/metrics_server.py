@@ -1,26 +1,31 @@
-"""The Prometheus endpoint of the gRPC services (controller, worker): a small asyncio HTTP server
+"""The Prometheus endpoint of the gRPC services (controller, worker): prometheus_client's ASGI app
 answering `GET /metrics` from a CollectorRegistry, and its `--metrics-port` flag.
 
-It runs on the service's event loop rather than in prometheus_client's server thread, so the
-collectors read the registry and engines from the thread that owns them, without locks.
+It is served by uvicorn on the service's event loop rather than in prometheus_client's server
+thread, so the collectors read the registry and engines from the thread that owns them, without
+locks.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import CollectorRegistry, make_asgi_app
 
 from services.common.config import FlagParser
+from services.common.http_server import HttpServer
 
 logger = logging.getLogger(__name__)
 
-# A scraper that sends no complete request head within this long is dropped.
-_READ_TIMEOUT_S = 10.0
 _OFF = frozenset({"", "off", "none", "disabled"})
+# In-flight scrapes get this long to finish when the service stops.
+_SHUTDOWN_GRACE_S = 5.0
+
+_Message = MutableMapping[str, Any]
+_Send = Callable[[_Message], Awaitable[None]]
+_Receive = Callable[[], Awaitable[_Message]]
 
 
 def metrics_port(text: str) -> int | None:
@@ -61,7 +66,7 @@ class MetricsServer:
         self.host = host
         self.requested_port = port
         self.port = port
-        self._server: asyncio.Server | None = None
+        self._server: HttpServer | None = None
 
     @property
     def url(self) -> str:
@@ -70,52 +75,73 @@ class MetricsServer:
 
     async def start(self) -> None:
         """Bind (OSError when the port is taken) and start answering."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.requested_port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        server = HttpServer(
+            _MetricsApp(self.registry),
+            host=self.host,
+            port=self.requested_port,
+            shutdown_grace_seconds=_SHUTDOWN_GRACE_S,
+        )
+        self.port = server.port
+        try:
+            await server.start()
+        except BaseException:
+            await server.stop()
+            raise
+        self._server = server
         logger.info("metrics listening on %s", self.url)
 
     async def stop(self) -> None:
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+            await self._server.stop()
             self._server = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
-            method, status, headers, body = self._answer(head)
-            lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers.items())]
-            lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
-            writer.write("\r\n".join(lines).encode("latin-1"))
-            if method != "HEAD":
-                writer.write(body)
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # no complete request head in time (or an oversized one): no answer
-        except ConnectionError:
-            pass  # the scraper went away
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
-    def _answer(self, head: bytes) -> tuple[str, str, dict[str, str], bytes]:
-        """Method, status line, headers and body of the answer to a request head."""
-        request_line, *header_lines = head.decode("latin-1").split("\r\n")
-        method, _, rest = request_line.partition(" ")
-        path = rest.partition(" ")[0].partition("?")[0]
-        if path != "/metrics":
-            return method, "404 Not Found", {"Content-Type": "text/plain"}, b"try /metrics\n"
-        if method not in ("GET", "HEAD"):
-            return method, "405 Method Not Allowed", {"Allow": "GET, HEAD"}, b""
-        accept = ""
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "accept":
-                accept = value.strip()
-        encoder, content_type = choose_encoder(accept)
-        body = encoder(self.registry)
-        return method, "200 OK", {"Content-Type": content_type}, body
+class _MetricsApp:
+    """prometheus_client's ASGI app at /metrics, for GET and HEAD only, its answers given a
+    Content-Length (which HEAD needs, having no body to count)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # Uncompressed: the endpoint has always answered plain text, whatever Accept-Encoding says.
+        self._prometheus = make_asgi_app(registry, disable_compression=True)
+
+    async def __call__(self, scope: _Message, receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            await _answer(send, 404, b"try /metrics\n", [(b"content-type", b"text/plain")])
+        elif scope["method"] not in ("GET", "HEAD"):
+            await _answer(send, 405, b"", [(b"allow", b"GET, HEAD")])
+        else:
+            await self._prometheus(scope, receive, _sized(send))
+
+
+async def _answer(
+    send: _Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    length = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _sized(send: _Send) -> _Send:
+    """`send` with the start of the answer held back until its first body message, then sent
+    with a Content-Length when that message is the whole body (as prometheus_client sends it)."""
+    start: _Message | None = None
+
+    async def sized(message: _Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if start is not None and message["type"] == "http.response.body":
+            headers = list(start.get("headers", ()))
+            if not message.get("more_body", False):
+                headers.append((b"content-length", str(len(message.get("body", b""))).encode()))
+            await send({**start, "headers": headers})
+            start = None
+        await send(message)
+
+    return sized
 
 
 async def start_metrics_server(

@@ -5,25 +5,21 @@ A ContextVar holds it: each HTTP request and each gRPC call runs in its own asyn
 sees its own value (tasks it starts inherit it), so this module-level variable shares nothing
 between requests. Threads do not inherit it: the worker's engine thread names the request in the
 record itself (`logger.info(..., extra={"request_id": ...})`), which the filter leaves alone.
+
+Free of grpc, so that the engine's child processes can use it without loading grpc; the gRPC
+servers' interceptor that binds the metadata's id is in services.common.grpc_request_id.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
 
-import grpc
-
-from services.common.grpc_handlers import wrap_handler
+from services.common.limits import REQUEST_ID_PATTERN
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
-# Ids taken from clients are kept only when short and made of characters that are safe in a log
-# line, a header and gRPC metadata.
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 _REQUEST_ID: ContextVar[str | None] = ContextVar("chatfleet_request_id", default=None)
 
@@ -43,19 +39,17 @@ def bound_request_id(request_id: str | None) -> Iterator[None]:
         _REQUEST_ID.reset(token)
 
 
+def bind_request_id(request_id: str | None) -> None:
+    """Make `request_id` current for the rest of the running task (and the tasks it starts), for
+    code that cannot hold `bound_request_id` open: an async generator may be finished from
+    another context, where resetting the variable would fail."""
+    _REQUEST_ID.set(request_id)
+
+
 def valid_request_id(value: str | None) -> str | None:
     """`value` when it is an acceptable request id, else None."""
     if value and REQUEST_ID_PATTERN.fullmatch(value):
         return value
-    return None
-
-
-def request_id_from_metadata(metadata: Any) -> str | None:
-    """The `x-request-id` of a call's invocation metadata, when present and valid."""
-    for key, value in metadata or ():
-        if key == REQUEST_ID_METADATA_KEY:
-            text = value if isinstance(value, str) else bytes(value).decode("latin-1")
-            return valid_request_id(text)
     return None
 
 
@@ -67,47 +61,3 @@ class RequestIdLogFilter(logging.Filter):
         if getattr(record, "request_id", None) is None:
             record.request_id = _REQUEST_ID.get()
         return True
-
-
-# --- gRPC servers ----------------------------------------------------------------------------
-
-
-def _bind_unary(
-    behavior: Callable[..., Awaitable[Any]], request_id: str
-) -> Callable[..., Awaitable[Any]]:
-    async def bound(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with bound_request_id(request_id):
-            return await behavior(request, context)
-
-    return bound
-
-
-def _bind_stream(
-    behavior: Callable[..., AsyncIterator[Any]], request_id: str
-) -> Callable[..., AsyncIterator[Any]]:
-    async def bound(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        # Set for the whole call: gRPC drives the generator from the call's own task.
-        _REQUEST_ID.set(request_id)
-        async for response in behavior(request, context):
-            yield response
-
-    return bound
-
-
-class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Makes a call's `x-request-id` metadata the current request id while its handler runs."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        request_id = request_id_from_metadata(handler_call_details.invocation_metadata)
-        if handler is None or request_id is None:
-            return handler
-        return wrap_handler(
-            handler,
-            lambda behavior: _bind_unary(behavior, request_id),
-            lambda behavior: _bind_stream(behavior, request_id),
-        )

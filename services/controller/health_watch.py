@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.backoff import Backoff
 from services.common.grpc_server import insecure_channel
 from services.controller.registry import WorkerRegistry, WorkerState
 
@@ -55,7 +56,6 @@ class HealthWatcher:
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
         self._watches: dict[str, _Watch] = {}
-        self._changed = asyncio.Condition()
 
     def watch(self, address: str) -> None:
         """Start watching a worker; when already watched, reconnect now if the stream is down."""
@@ -85,27 +85,23 @@ class HealthWatcher:
     ) -> WorkerState | None:
         """Wait until the worker is in one of `states` (None: not registered); returns its state,
         which may be another one (or None when deregistered) if `timeout` seconds pass first."""
-        async with self._changed:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self._registry.state(address) in states),
-                    timeout,
-                )
-            return self._registry.state(address)
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(timeout):
+                async with contextlib.aclosing(self._registry.changes()) as changes:
+                    async for _ in changes:
+                        if self._registry.state(address) in states:
+                            break
+        return self._registry.state(address)
 
-    async def _set_state(self, address: str, state: WorkerState) -> None:
-        async with self._changed:
-            previous = self._registry.set_state(address, state)
-            self._changed.notify_all()
+    def _set_state(self, address: str, state: WorkerState) -> None:
+        previous = self._registry.set_state(address, state)
         if previous is not None and previous is not state:
             logger.info("worker %s is now %s (was %s)", address, state.value, previous.value)
 
-    async def _forget(self, address: str, watch: _Watch, down_for: float) -> None:
+    def _forget(self, address: str, watch: _Watch, down_for: float) -> None:
         if self._watches.get(address) is watch:
             del self._watches[address]
-        async with self._changed:
-            self._registry.deregister(address)
-            self._changed.notify_all()
+        self._registry.deregister(address)
         logger.warning(
             "worker %s unreachable for %.0f s: dropped from the registry (it re-registers when "
             "it is back)",
@@ -115,7 +111,7 @@ class HealthWatcher:
 
     async def _run(self, address: str, watch: _Watch) -> None:
         loop = asyncio.get_running_loop()
-        backoff = self._min_backoff
+        backoff = Backoff(self._min_backoff, self._max_backoff)
         down_since: float | None = None
         while True:
             watch.retry_now.clear()
@@ -126,8 +122,8 @@ class HealthWatcher:
                     responses = stub.Watch(health_pb2.HealthCheckRequest(service=""))
                     async for response in responses:
                         state = _STATES.get(response.status, WorkerState.NOT_SERVING)
-                        await self._set_state(address, state)
-                        backoff = self._min_backoff
+                        self._set_state(address, state)
+                        backoff.reset()
                         down_since = None
                 problem = "the server ended it"
             except grpc.aio.AioRpcError as error:
@@ -140,11 +136,10 @@ class HealthWatcher:
                 address,
                 problem,
             )
-            await self._set_state(address, WorkerState.UNREACHABLE)
+            self._set_state(address, WorkerState.UNREACHABLE)
             down_since = loop.time() if down_since is None else down_since
             if self._forget_after and loop.time() - down_since >= self._forget_after:
-                await self._forget(address, watch, loop.time() - down_since)
+                self._forget(address, watch, loop.time() - down_since)
                 return
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(watch.retry_now.wait(), backoff)
-            backoff = min(backoff * 2, self._max_backoff)
+                await asyncio.wait_for(watch.retry_now.wait(), backoff.step())

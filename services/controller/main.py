@@ -75,12 +75,14 @@ class Controller:
         return cls(config=config, grpc=server, registry=registry, watcher=watcher, metrics=metrics)
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, close the health streams, then let in-flight calls finish within `grace`.
+        """NOT_SERVING, end the WatchWorkers streams and close the health streams, then let
+        in-flight calls finish within `grace`.
         Does nothing the second time."""
         if self._stopped:
             return
         self._stopped = True
         await self.grpc.health.enter_graceful_shutdown()
+        self.registry.close()  # ends the WatchWorkers streams
         await self.watcher.close()
         await self.grpc.server.stop(self.config.shutdown_grace if grace is None else grace)
         if self.metrics is not None:

@@ -1,12 +1,14 @@
 """The controller's view of the fleet: registered workers, their models, health state and load.
 
 Plain data, no gRPC: the servicer converts protobuf at its edge and the health watcher sets states.
+Watchers of the fleet (`changes()`) are woken by the mutations themselves, so nothing polls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 
@@ -77,6 +79,9 @@ class WorkerRegistry:
     def __init__(self) -> None:
         self._workers: dict[str, WorkerRecord] = {}
         self._by_model: dict[str, set[str]] = {}
+        # One event per running changes() iterator, set by every change of the fleet.
+        self._watchers: set[asyncio.Event] = set()
+        self._closed = False
 
     def __contains__(self, address: object) -> bool:
         return address in self._workers
@@ -100,6 +105,8 @@ class WorkerRegistry:
         for info in record.models:
             for name in info.names:
                 self._by_model.setdefault(name, set()).add(address)
+        if existing is None or existing.models != record.models:
+            self._changed()
         return existing is None
 
     def deregister(self, address: str) -> bool:
@@ -108,6 +115,7 @@ class WorkerRegistry:
         if record is None:
             return False
         self._unindex(record)
+        self._changed()
         return True
 
     def update_load(self, address: str, load: Load) -> bool:
@@ -124,6 +132,8 @@ class WorkerRegistry:
         if record is None:
             return None
         previous, record.state = record.state, state
+        if previous is not state:
+            self._changed()
         return previous
 
     def get(self, address: str) -> WorkerRecord | None:
@@ -154,6 +164,31 @@ class WorkerRegistry:
                         others = tuple(other for other in info.names if other != name)
                         entries[name] = replace(info, name=name, aliases=others)
         return [entries[name] for name in sorted(entries)]
+
+    async def changes(self) -> AsyncGenerator[None, None]:
+        """Yields at once, then after every change of the fleet: a worker added or removed, its
+        models or its health state changed (load updates do not count). Changes made while the
+        consumer handles one are folded into the next yield. Ends after `close()`; iterate it
+        within `contextlib.aclosing` so that an abandoned watch stops being woken."""
+        changed = asyncio.Event()
+        self._watchers.add(changed)
+        try:
+            while not self._closed:
+                yield
+                await changed.wait()
+                changed.clear()
+        finally:
+            self._watchers.discard(changed)
+
+    def close(self) -> None:
+        """End every changes() iterator (the controller is shutting down: its server's graceful
+        stop would otherwise wait for the streams built on them)."""
+        self._closed = True
+        self._changed()
+
+    def _changed(self) -> None:
+        for changed in self._watchers:
+            changed.set()
 
     def _unindex(self, record: WorkerRecord) -> None:
         for name in _names(record.models):

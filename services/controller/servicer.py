@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -113,6 +115,16 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     ) -> controller_pb2.ListWorkersResponse:
         workers = [_worker_to_proto(record) for record in self._registry.workers()]
         return controller_pb2.ListWorkersResponse(workers=workers)
+
+    async def WatchWorkers(
+        self, request: controller_pb2.WatchWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[controller_pb2.WatchWorkersResponse]:
+        async with contextlib.aclosing(self._registry.changes()) as changes:
+            async for _ in changes:
+                yield controller_pb2.WatchWorkersResponse(
+                    workers=[_worker_to_proto(record) for record in self._registry.workers()],
+                    models=[_model_to_proto(info) for info in self._registry.served_models()],
+                )
 
     async def SelectWorker(
         self, request: controller_pb2.SelectWorkerRequest, context: grpc.aio.ServicerContext

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatfleet.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from services.common.backoff import Backoff
 from services.common.grpc_server import open_channel
 from services.common.security import NO_SECURITY, GrpcSecurity
 
@@ -118,15 +119,15 @@ class ControllerLink:
 
     async def _run(self) -> None:
         """Heartbeat while registered; otherwise register, with backoff between failures."""
-        backoff = self._min_backoff
+        backoff = Backoff(self._min_backoff, self._max_backoff)
         while not self._stopping.is_set():
             if self.registered.is_set():
                 if not await self._wait(self._heartbeat_interval):
                     await self._heartbeat()
             elif await self._register():
-                backoff = self._min_backoff
-            elif not await self._wait(backoff):
-                backoff = min(backoff * 2, self._max_backoff)
+                backoff.reset()
+            elif not await self._wait(backoff.delay):
+                backoff.step()
 
     async def _watch_controller(self) -> None:
         """Hold a health Watch on the controller. Register at once when the stream breaks (the
@@ -135,7 +136,9 @@ class ControllerLink:
         assert self._channel is not None
         health = health_pb2_grpc.HealthStub(self._channel)
         lost = False
-        backoff = self._min_backoff
+        backoff = Backoff(
+            min(self._min_backoff, _MAX_RECONNECT_BACKOFF_S), _MAX_RECONNECT_BACKOFF_S
+        )
         first = True
         while True:
             # wait_for_ready: while the controller is down the call waits for the channel to
@@ -153,7 +156,7 @@ class ControllerLink:
                         # it) and do not register with it.
                         problem = None
                         break
-                    backoff = self._min_backoff
+                    backoff.reset()
                     if lost or not self.registered.is_set():
                         logger.info("the controller at %s is serving", self.controller_address)
                         lost = False
@@ -180,8 +183,7 @@ class ControllerLink:
                     )
                     self._request_registration()
             # A refused or ended Watch means the controller is on its way out: pause, retry.
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _MAX_RECONNECT_BACKOFF_S)
+            await backoff.sleep()
 
     def _request_registration(self) -> None:
         self.registered.clear()

@@ -9,6 +9,7 @@ also exercises the security settings across processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Callable, Sequence
@@ -18,7 +19,8 @@ from pathlib import Path
 import grpc
 
 from chatfleet.v1 import controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.cli.launcher import ServiceProcess, free_port, wait_http_ok
+from services.cli.launcher import ServiceProcess, free_port, wait_http_ok, watch_fleet
+from services.common.backoff import Backoff
 from services.common.grpc_server import open_channel
 from services.common.security import GrpcSecurity
 from services.worker.default_models import DEFAULT_CHAT_MODEL_NAME, default_chat_model_path
@@ -240,34 +242,34 @@ class Fleet:
     async def wait_workers_serving(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Until the controller lists every worker as SERVING (re-registration after a restart)."""
         wanted = set(self.worker_addresses)
-
-        async def all_serving() -> None:
-            delay = 0.05
-            while True:
-                states = await self.worker_states()
-                serving = {a for a, s in states.items() if s == controller_pb2.WORKER_STATE_SERVING}
-                if wanted <= serving:
-                    return
-                await asyncio.sleep(delay)  # the controller pushes nothing: ask again
-                delay = min(delay * 2, 0.5)
-
-        await asyncio.wait_for(all_serving(), timeout)
+        serving = controller_pb2.WORKER_STATE_SERVING
+        await self._wait_states(
+            lambda states: wanted <= {a for a, s in states.items() if s == serving}, timeout
+        )
 
     async def wait_worker_state(
         self, address: str, states: set[int | None], timeout: float
     ) -> int | None:
         """Until the controller reports `address` in one of `states` (None: not registered)."""
+        reached = await self._wait_states(lambda seen: seen.get(address) in states, timeout)
+        return reached.get(address)
 
-        async def reached() -> int | None:
-            delay = 0.05
-            while True:
-                state = (await self.worker_states()).get(address)
-                if state in states:
-                    return state
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+    async def _wait_states(
+        self, done: Callable[[dict[str, int]], bool], timeout: float
+    ) -> dict[str, int]:
+        """The controller's first view (worker address -> WorkerState) for which `done` holds,
+        from its WatchWorkers stream: the controller pushes every change, across its restarts."""
 
-        return await asyncio.wait_for(reached(), timeout)
+        async def first() -> dict[str, int]:
+            fleet = watch_fleet(self.controller_address, security=self.security)
+            async with contextlib.aclosing(fleet) as replies:
+                async for reply in replies:
+                    states = {worker.address: worker.state for worker in reply.workers}
+                    if done(states):
+                        return states
+            raise AssertionError("unreachable: watch_fleet never ends")
+
+        return await asyncio.wait_for(first(), timeout)
 
     async def load(self, index: int) -> WorkerLoad | None:
         """GetLoad of one worker; None when it does not answer."""
@@ -288,13 +290,12 @@ class Fleet:
         """Until `predicate(loads)` holds; the workers push nothing, so ask again in a loop."""
 
         async def reached() -> list[WorkerLoad | None]:
-            delay = 0.02
+            backoff = Backoff(first=0.02, cap=0.25)
             while True:
                 loads = await self.loads()
                 if predicate(loads):
                     return loads
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
+                await backoff.sleep()
 
         return await asyncio.wait_for(reached(), timeout)
 

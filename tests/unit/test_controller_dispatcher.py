@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -82,6 +85,72 @@ class TestRegistry:
     def test_workers_are_sorted_by_address(self) -> None:
         registry = registry_with(serving("b:1"), serving("a:1"), serving("c:1"))
         assert [r.address for r in registry.workers()] == ["a:1", "b:1", "c:1"]
+
+
+class Wakeups:
+    """Whether a registry's changes() iterator has been woken since its last yield, checked
+    without waiting: its next item is awaited in a task kept across checks (cancelling it would
+    end the iterator)."""
+
+    def __init__(self, changes: AsyncIterator[None]) -> None:
+        self._changes = changes
+        self._pending: asyncio.Future[None] | None = None
+
+    async def woken(self) -> bool:
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(anext(self._changes))
+        # Enough turns of the loop for a woken iterator to reach its next yield.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if not self._pending.done():
+            return False
+        self._pending.result()
+        self._pending = None
+        return True
+
+    async def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pending
+
+
+class TestRegistryChanges:
+    async def test_fleet_changes_wake_watchers_and_load_updates_do_not(self) -> None:
+        registry = WorkerRegistry()
+        async with contextlib.aclosing(registry.changes()) as changes:
+            await anext(changes)  # at once: the current fleet
+            watch = Wakeups(changes)
+            try:
+                assert not await watch.woken()
+                registry.register("w1:1", [CHAT], Load(0, 0, 4))
+                assert await watch.woken()
+                registry.update_load("w1:1", Load(3, 0, 4))
+                registry.register("w1:1", [CHAT], Load(1, 0, 4))  # a refresh, same models
+                registry.set_state("w1:1", WorkerState.UNKNOWN)  # the state it already has
+                assert not await watch.woken()
+                registry.register("w1:1", [CHAT, EMBED], Load(1, 0, 4))
+                assert await watch.woken()
+                registry.set_state("w1:1", WorkerState.SERVING)
+                registry.set_state("w1:1", WorkerState.NOT_SERVING)  # folded into one wake-up
+                assert await watch.woken()
+                assert not await watch.woken()
+                registry.deregister("w1:1")
+                assert await watch.woken()
+                registry.deregister("w1:1")  # not registered: nothing changes
+                assert not await watch.woken()
+            finally:
+                await watch.close()
+
+    async def test_close_ends_every_watch(self) -> None:
+        registry = WorkerRegistry()
+        first, second = registry.changes(), registry.changes()
+        await anext(first)
+        await anext(second)
+        registry.close()
+        assert [item async for item in first] == []
+        assert [item async for item in second] == []
+        assert [item async for item in registry.changes()] == []
 
 
 class TestShortestQueue:

@@ -1,5 +1,5 @@
 """The controller's Prometheus endpoint (workers by state, serving workers per model), and the
-small metrics HTTP server and --metrics-port flag the gRPC services share."""
+metrics HTTP server and --metrics-port flag the gRPC services share."""
 
 from __future__ import annotations
 
@@ -84,6 +84,34 @@ async def test_metrics_server_answers_only_get_and_head_of_metrics() -> None:
         writer.close()
     finally:
         await server.stop()
+
+
+async def test_metrics_server_negotiates_openmetrics_and_stops_cleanly() -> None:
+    registry = CollectorRegistry()
+    Counter("chatfleet:test_things", "Things.", registry=registry).inc()
+    server = MetricsServer(registry, "127.0.0.1", 0)
+    await server.start()
+    stopped = False
+    try:
+        async with httpx.AsyncClient() as client:
+            open_metrics = await client.get(
+                server.url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+            )
+            assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+            assert open_metrics.text.endswith("# EOF\n")
+            # A kept-alive connection does not hold the stop up.
+            assert (await client.get(server.url)).status_code == 200
+            await server.stop()
+            stopped = True
+            with pytest.raises(httpx.ConnectError):
+                await client.get(server.url)
+        # The port is free again.
+        again = MetricsServer(registry, "127.0.0.1", server.port)
+        await again.start()
+        await again.stop()
+    finally:
+        if not stopped:
+            await server.stop()
 
 
 async def test_a_taken_metrics_port_fails_the_start() -> None:

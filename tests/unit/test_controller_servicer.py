@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -245,3 +246,67 @@ async def test_invalid_requests_name_the_field(
         await getattr(stub, rpc)(request_message)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_of(caught.value) == field
+
+
+async def next_fleet(
+    fleet: AsyncIterator[controller_pb2.WatchWorkersResponse],
+    done: Callable[[controller_pb2.WatchWorkersResponse], bool],
+) -> controller_pb2.WatchWorkersResponse:
+    """The first message of a WatchWorkers stream for which `done` holds (changes may be folded
+    into one message, so the steps before it need not each be seen)."""
+
+    async def first() -> controller_pb2.WatchWorkersResponse:
+        async for reply in fleet:
+            if done(reply):
+                return reply
+        raise AssertionError("the WatchWorkers stream ended")
+
+    return await asyncio.wait_for(first(), WAIT_S)
+
+
+def states(reply: controller_pb2.WatchWorkersResponse) -> dict[str, int]:
+    return {worker.address: worker.state for worker in reply.workers}
+
+
+async def test_watch_workers_pushes_registration_health_changes_and_removal(
+    stub: controller_pb2_grpc.ControllerServiceStub, fake_worker: GrpcServer
+) -> None:
+    address = address_of(fake_worker)
+    call = stub.WatchWorkers(controller_pb2.WatchWorkersRequest())
+    fleet = aiter(call)
+    try:
+        first = await asyncio.wait_for(anext(fleet), WAIT_S)
+        assert not first.workers and not first.models  # the current fleet, at once
+
+        await register(stub, address, [CHAT])
+        serving = await next_fleet(
+            fleet, lambda r: states(r) == {address: controller_pb2.WORKER_STATE_SERVING}
+        )
+        assert [m.name for m in serving.models] == ["chat", "chat-alias"]
+        assert serving.workers[0].models[0].name == "chat"
+        assert serving.workers[0].load.capacity == 4
+
+        await fake_worker.set_serving(False)  # a health change, pushed by the worker
+        draining = await next_fleet(
+            fleet, lambda r: states(r) == {address: controller_pb2.WORKER_STATE_NOT_SERVING}
+        )
+        assert not draining.models  # no healthy worker serves them any more
+
+        await fake_worker.set_serving(True)
+        await next_fleet(fleet, lambda r: bool(r.models))
+        await stub.DeregisterWorker(controller_pb2.DeregisterWorkerRequest(address=address))
+        removed = await next_fleet(fleet, lambda r: not r.workers)
+        assert not removed.models
+    finally:
+        call.cancel()
+
+
+async def test_watch_workers_ends_when_the_controller_stops(
+    controller: Controller, stub: controller_pb2_grpc.ControllerServiceStub
+) -> None:
+    call = stub.WatchWorkers(controller_pb2.WatchWorkersRequest())
+    await asyncio.wait_for(call.read(), WAIT_S)
+    # A grace long enough that a stream left open would end CANCELLED, not OK, when it runs out.
+    await asyncio.wait_for(controller.stop(grace=WAIT_S), WAIT_S)
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK

@@ -67,6 +67,11 @@ class ControllerServiceStub:
                 request_serializer=chatfleet_dot_v1_dot_controller__pb2.SelectWorkerRequest.SerializeToString,
                 response_deserializer=chatfleet_dot_v1_dot_controller__pb2.SelectWorkerResponse.FromString,
                 _registered_method=True)
+        self.WatchWorkers = channel.unary_stream(
+                '/chatfleet.v1.ControllerService/WatchWorkers',
+                request_serializer=chatfleet_dot_v1_dot_controller__pb2.WatchWorkersRequest.SerializeToString,
+                response_deserializer=chatfleet_dot_v1_dot_controller__pb2.WatchWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -118,6 +123,19 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchWorkers(self, request, context):
+        """WatchWorkers streams the fleet: a first message with the current workers and served models at
+        once, then a new one after every change of the fleet (a worker registers, changes its models or
+        health state, deregisters or is dropped), pushed by the controller rather than polled for.
+        Changes that happen while a message is being sent are folded into the next one, so a client
+        always sees the latest fleet but not necessarily every step; a change of load alone (heartbeats)
+        sends nothing. To wait until models X and Y are listed, read until `models` names both. The
+        stream ends (OK) when the controller shuts down; a client that keeps watching opens it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +168,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.SelectWorker,
                     request_deserializer=chatfleet_dot_v1_dot_controller__pb2.SelectWorkerRequest.FromString,
                     response_serializer=chatfleet_dot_v1_dot_controller__pb2.SelectWorkerResponse.SerializeToString,
+            ),
+            'WatchWorkers': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchWorkers,
+                    request_deserializer=chatfleet_dot_v1_dot_controller__pb2.WatchWorkersRequest.FromString,
+                    response_serializer=chatfleet_dot_v1_dot_controller__pb2.WatchWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +340,33 @@ class ControllerService:
             '/chatfleet.v1.ControllerService/SelectWorker',
             chatfleet_dot_v1_dot_controller__pb2.SelectWorkerRequest.SerializeToString,
             chatfleet_dot_v1_dot_controller__pb2.SelectWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chatfleet.v1.ControllerService/WatchWorkers',
+            chatfleet_dot_v1_dot_controller__pb2.WatchWorkersRequest.SerializeToString,
+            chatfleet_dot_v1_dot_controller__pb2.WatchWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
