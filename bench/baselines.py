@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.worker.loading import ModelKind, resolve_quantization
+from services.worker.engine.loading import ModelKind, resolve_quantization
 
 if TYPE_CHECKING:
     import torch

@@ -16,14 +16,15 @@ import time
 import torch
 
 from services.worker.default_models import default_model_specs
-from services.worker.engine import (
+from services.worker.engine.factory import create_engine
+from services.worker.engine.interface import (
     ChatMessage,
     Engine,
     GenerationRequest,
     SamplingParams,
     StoppingParams,
 )
-from services.worker.loading import EngineOptions, create_engine
+from services.worker.engine.loading import EngineOptions
 
 PROMPT = [ChatMessage("user", "Write a long story about a lighthouse keeper.")]
 

@@ -17,14 +17,15 @@ import os
 import time
 
 from services.worker.default_models import default_model_specs
-from services.worker.engine import (
+from services.worker.engine.factory import create_engine
+from services.worker.engine.interface import (
     ChatMessage,
     Engine,
     GenerationRequest,
     SamplingParams,
     StoppingParams,
 )
-from services.worker.loading import EngineOptions, create_engine
+from services.worker.engine.loading import EngineOptions
 
 PROMPTS = (
     "Write a long story about a lighthouse keeper.",
@@ -59,13 +60,14 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each engine")
     parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 
     engines: dict[str, Engine] = {}
     for mode in args.modes:
         options = EngineOptions(
-            threads=1,
+            threads=args.threads,
             quantization=mode,
             max_running=max(32, args.streams),
             prefix_caching=args.prefix_caching,

@@ -60,7 +60,7 @@ from bench.report import (
 from services.cli.launcher import ServiceExited, ServiceProcess, free_port, wait_models_listed
 from services.common.config import FlagParser
 from services.worker.default_models import DEFAULT_CHAT_MODEL_NAME, default_model_specs
-from services.worker.loading import QUANTIZATIONS
+from services.worker.engine.loading import QUANTIZATIONS
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 600.0

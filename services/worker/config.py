@@ -19,8 +19,8 @@ from services.common.fastchat_compat import (
 from services.common.metrics_server import add_metrics_port_flag, check_metrics_port
 from services.common.security import GrpcSecurity, add_security_flags
 from services.worker.default_models import default_model_specs
-from services.worker.loading import DTYPES, QUANTIZATIONS, EngineOptions, ModelSpec
-from services.worker.output_parsing import REASONING_PARSERS, TOOL_CALL_PARSERS
+from services.worker.engine.loading import DTYPES, QUANTIZATIONS, EngineOptions, ModelSpec
+from services.worker.engine.output_parsing import REASONING_PARSERS, TOOL_CALL_PARSERS
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
@@ -72,7 +72,7 @@ class WorkerConfig:
     # Port of the Prometheus /metrics endpoint (0: a free one); None: no endpoint.
     metrics_port: int | None = None
     # How tool calls and reasoning are parsed from every model's output; auto: detected from
-    # each model's chat template (services/worker/output_parsing.py).
+    # each model's chat template (services/worker/engine/output_parsing.py).
     tool_call_parser: str = "auto"
     reasoning_parser: str = "auto"
 

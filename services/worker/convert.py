@@ -1,13 +1,14 @@
 """Conversion between the worker's protobuf messages and the engine's dataclasses, in one place.
 
-Checks here cover what protobuf cannot express (ranges, required oneofs); an error names the faulty
-field with its OpenAI parameter name so the gateway can pass it on.
+Checks here cover what protobuf's shape cannot express (required oneofs, JSON text, tool names);
+value ranges are the engine's rules (engine/validation.py), applied here before a request reaches
+an engine. An error names the faulty field with its OpenAI parameter name so the gateway can pass
+it on.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,8 @@ from google.protobuf.message import Message
 
 from chatfleet.v1 import common_pb2, worker_pb2
 from services.common.errors import InvalidRequestError
-from services.worker.engine import (
+from services.common.limits import FUNCTION_NAME_PATTERN
+from services.worker.engine.interface import (
     ChatMessage,
     ConstraintKind,
     Conversation,
@@ -34,20 +36,18 @@ from services.worker.engine import (
     ToolCall,
     ToolDefinition,
 )
-from services.worker.tools import ToolChoice, ToolChoiceMode, tool_constraint
+from services.worker.engine.prompts import CHAT_ROLES
+from services.worker.engine.tools import ToolChoice, ToolChoiceMode, tool_constraint
+from services.worker.engine.validation import (
+    greedy_if_tiny,
+    validate_logit_bias,
+    validate_sampling,
+    validate_stopping,
+    validate_top_logprobs,
+)
 
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
-MAX_TOP_LOGPROBS = 20
-MAX_LOGIT_BIAS = 100.0
-# OpenAI's rule for function names.
-TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# Sampling divides logits by the temperature and positive logits by the repetition penalty: tiny
-# divisors overflow float32 to inf, and the NaN probabilities that follow fail the whole engine
-# step. Temperatures below this decode greedily, as vLLM does; smaller penalties are refused
-# (2**-7: exact in float32, so the gateway's bound of 0.01 still passes once rounded to float32).
-GREEDY_BELOW_TEMPERATURE = 1e-5
-MIN_REPETITION_PENALTY = 2**-7
-
+_TOOL_NAME = re.compile(FUNCTION_NAME_PATTERN)
+# Engine finish reasons as the protobuf spells them (the one map of them).
 _FINISH_REASONS = {
     None: worker_pb2.FINISH_REASON_UNSPECIFIED,
     FinishReason.STOP: worker_pb2.FINISH_REASON_STOP,
@@ -169,7 +169,7 @@ def to_tool_definitions(
     definitions = []
     for index, tool in enumerate(tools):
         where = f"tools[{index}].function"
-        if not TOOL_NAME.fullmatch(tool.name):
+        if not _TOOL_NAME.fullmatch(tool.name):
             raise InvalidRequestError(
                 f"{where}.name must be 1 to 64 letters, digits, underscores or dashes, "
                 f"got {tool.name!r}",
@@ -320,84 +320,49 @@ def to_load(load: LoadInfo) -> common_pb2.Load:
 
 
 def _sampling(params: worker_pb2.SamplingParams, defaults: SamplingParams) -> SamplingParams:
-    """Fields the request leaves unset take the model's defaults."""
-    temperature = _optional(params, "temperature", defaults.temperature)
-    top_p = _optional(params, "top_p", defaults.top_p)
-    min_p = _optional(params, "min_p", defaults.min_p)
-    repetition = _optional(params, "repetition_penalty", defaults.repetition_penalty)
-    presence = _optional(params, "presence_penalty", defaults.presence_penalty)
-    frequency = _optional(params, "frequency_penalty", defaults.frequency_penalty)
-    # Comparisons with NaN are false, so NaN fails every range check below.
-    _check(0 <= temperature < math.inf, "temperature", f"must be a number >= 0, got {temperature}")
-    _check(0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}")
-    _check(0 <= min_p <= 1, "min_p", f"must be in [0, 1], got {min_p}")
-    _check(
-        MIN_REPETITION_PENALTY <= repetition < math.inf,
-        "repetition_penalty",
-        f"must be a number >= {MIN_REPETITION_PENALTY}, got {repetition}",
-    )
-    _check(-2 <= presence <= 2, "presence_penalty", f"must be in [-2, 2], got {presence}")
-    _check(-2 <= frequency <= 2, "frequency_penalty", f"must be in [-2, 2], got {frequency}")
-    if temperature < GREEDY_BELOW_TEMPERATURE:
-        temperature = 0.0
-    return SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
+    """Fields the request leaves unset take the model's defaults; tiny temperatures decode
+    greedily."""
+    sampling = SamplingParams(
+        temperature=_optional(params, "temperature", defaults.temperature),
+        top_p=_optional(params, "top_p", defaults.top_p),
         top_k=params.top_k if params.HasField("top_k") else defaults.top_k,
-        min_p=min_p,
-        repetition_penalty=repetition,
-        presence_penalty=presence,
-        frequency_penalty=frequency,
+        min_p=_optional(params, "min_p", defaults.min_p),
+        repetition_penalty=_optional(params, "repetition_penalty", defaults.repetition_penalty),
+        presence_penalty=_optional(params, "presence_penalty", defaults.presence_penalty),
+        frequency_penalty=_optional(params, "frequency_penalty", defaults.frequency_penalty),
         seed=params.seed if params.HasField("seed") else defaults.seed,
     )
+    validate_sampling(sampling)
+    return greedy_if_tiny(sampling)
 
 
 def _stopping(criteria: worker_pb2.StoppingCriteria, *, echo: bool = False) -> StoppingParams:
-    max_tokens = criteria.max_tokens if criteria.HasField("max_tokens") else None
-    if max_tokens is not None:
-        # 0 scores the echoed prompt and generates nothing (the completions API's echo).
-        _check(
-            max_tokens >= 1 or echo,
-            "max_tokens",
-            f"must be at least 1 (0 only with echo), got {max_tokens}",
-        )
-        _check(
-            criteria.min_tokens <= max_tokens,
-            "min_tokens",
-            f"must not exceed max_tokens ({max_tokens}), got {criteria.min_tokens}",
-        )
-    _check(all(criteria.stop), "stop", "stop strings must not be empty")
-    return StoppingParams(
-        max_tokens=max_tokens,
+    """The stopping criteria; the engine checks stop token ids against its vocabulary."""
+    stopping = StoppingParams(
+        max_tokens=criteria.max_tokens if criteria.HasField("max_tokens") else None,
         min_tokens=criteria.min_tokens,
         stop=tuple(criteria.stop),
         stop_token_ids=tuple(criteria.stop_token_ids),
         ignore_eos=criteria.ignore_eos,
     )
+    validate_stopping(stopping, echo=echo)
+    return stopping
 
 
 def _logprobs(params: worker_pb2.LogprobsParams) -> int | None:
+    """None when logprobs are off; else how many alternatives per position."""
     if not params.enabled:
         _check(params.top_logprobs == 0, "top_logprobs", "requires logprobs to be enabled")
         return None
-    _check(
-        params.top_logprobs <= MAX_TOP_LOGPROBS,
-        "top_logprobs",
-        f"must be at most {MAX_TOP_LOGPROBS}, got {params.top_logprobs}",
-    )
+    validate_top_logprobs(params.top_logprobs, param="top_logprobs")
     return params.top_logprobs
 
 
 def _logit_bias(bias: Mapping[int, float]) -> tuple[tuple[int, float], ...]:
     """(token id, bias) pairs in id order; the engine checks the ids against its vocabulary."""
-    for token_id, value in bias.items():
-        # Comparisons with NaN are false, so NaN fails the range check.
-        _check(
-            -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS,
-            "logit_bias",
-            f"values must be in [-100, 100], got {value} for token {token_id}",
-        )
-    return tuple(sorted((int(token_id), float(value)) for token_id, value in bias.items()))
+    pairs = tuple(sorted((int(token_id), float(value)) for token_id, value in bias.items()))
+    validate_logit_bias(pairs)
+    return pairs
 
 
 def _chat_message(index: int, message: worker_pb2.ChatMessage) -> ChatMessage:

@@ -9,8 +9,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from services.worker.engine import SamplingParams
-from services.worker.loading import ModelSpec
+from services.worker.engine.interface import SamplingParams
+from services.worker.engine.loading import ModelSpec
 
 DEFAULT_CHAT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"

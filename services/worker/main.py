@@ -20,9 +20,9 @@ from services.common.metrics_server import MetricsServer, start_metrics_server
 from services.common.signals import stop_event
 from services.worker import convert
 from services.worker.config import WorkerConfig, add_arguments
-from services.worker.engine import Engine
-from services.worker.engine_process import create_process_engines
-from services.worker.loading import create_engine
+from services.worker.engine.factory import create_engine
+from services.worker.engine.interface import Engine
+from services.worker.engine_process.replicas import create_process_engines
 from services.worker.metrics import worker_metrics_registry
 from services.worker.registration import ControllerLink
 from services.worker.servicer import ModelRegistry, WorkerServicer

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.worker.engine import Engine
+from services.worker.engine.interface import Engine
 
 _LABELS = ["model_name"]
 

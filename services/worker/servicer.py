@@ -17,8 +17,8 @@ import grpc
 from chatfleet.v1 import worker_pb2, worker_pb2_grpc
 from services.common.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
 from services.worker import convert
-from services.worker.engine import Engine, LoadInfo, ModelDescription
-from services.worker.output_parsing import create_output_parser
+from services.worker.engine.interface import Engine, LoadInfo, ModelDescription
+from services.worker.engine.output_parsing import create_output_parser
 
 logger = logging.getLogger(__name__)
 

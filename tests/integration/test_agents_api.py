@@ -85,7 +85,7 @@ def tokenizer() -> Any:
     """The worker's own tokenizer of the default model (converted from the GGUF once, then cached),
     so token ids seen here are the ones the worker samples."""
     from services.worker.default_models import DEFAULT_CHAT_MODEL_NAME, default_model_specs
-    from services.worker.loading import _load_tokenizer, resolve_source
+    from services.worker.engine.loading import _load_tokenizer, resolve_source
 
     path = next(s.path for s in default_model_specs() if DEFAULT_CHAT_MODEL_NAME in s.names)
     return _load_tokenizer(resolve_source(path))

@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from services.worker.default_models import default_model_specs
-from services.worker.engine import GenerationRequest, SamplingParams, StoppingParams
-from services.worker.loading import EngineOptions, create_engine
+from services.worker.engine.factory import create_engine
+from services.worker.engine.interface import GenerationRequest, SamplingParams, StoppingParams
+from services.worker.engine.loading import EngineOptions
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 from services.worker.default_models import default_model_specs
-from services.worker.loading import _load_tokenizer, resolve_source, tokenizer_cache_root
+from services.worker.engine.loading import _load_tokenizer, resolve_source, tokenizer_cache_root
 
 pytestmark = pytest.mark.integration
 

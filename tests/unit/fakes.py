@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from services.common.errors import ChatfleetError, InvalidRequestError
 from services.common.grpc_server import GrpcServer, create_server
 from services.worker.config import WorkerConfig
-from services.worker.engine import (
+from services.worker.engine.interface import (
     ChatPrompt,
     Conversation,
     Engine,
@@ -19,7 +19,7 @@ from services.worker.engine import (
     LoadInfo,
     ModelDescription,
 )
-from services.worker.loading import ModelSpec
+from services.worker.engine.loading import ModelSpec
 
 
 def chunk(text: str, *ids: int) -> GenerationChunk:

@@ -12,9 +12,9 @@ from models import build_byte_level_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from services.common.errors import InvalidRequestError
-from services.worker.constraints import ConstraintCompiler, TokenMasker
-from services.worker.engine import ConstraintKind, OutputConstraint, SamplingParams
-from services.worker.sampling import SamplingState, sample
+from services.worker.engine.constraints import ConstraintCompiler, TokenMasker
+from services.worker.engine.interface import ConstraintKind, OutputConstraint, SamplingParams
+from services.worker.engine.sampling import SamplingState, sample
 
 VOCAB = 520  # wider than the tokenizer (512): ids past it must never be allowed
 

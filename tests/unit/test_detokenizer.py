@@ -8,7 +8,7 @@ import pytest
 from models import build_byte_level_tokenizer, build_sentencepiece_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from services.worker.detokenizer import (
+from services.worker.engine.detokenizer import (
     IncrementalDetokenizer,
     byte_fallback_ids,
     make_decode_fn,

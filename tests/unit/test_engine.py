@@ -19,7 +19,9 @@ from models import build_byte_level_tokenizer, save_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.common.errors import InvalidRequestError, OverloadedError, UnavailableError
-from services.worker.engine import (
+from services.worker.engine.factory import create_engine
+from services.worker.engine.hf_engine import HFEngine
+from services.worker.engine.interface import (
     ChatMessage,
     ConstraintKind,
     Engine,
@@ -31,8 +33,7 @@ from services.worker.engine import (
     SamplingParams,
     StoppingParams,
 )
-from services.worker.hf_engine import HFEngine
-from services.worker.loading import EngineOptions, ModelSpec, create_engine
+from services.worker.engine.loading import EngineOptions, ModelSpec
 from services.worker.quantization import quantize_int8
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -152,7 +153,7 @@ async def test_concurrent_greedy_matches_hf_generate_alone(
     variant: dict[str, object],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level("INFO", logger="services.worker.hf_engine")
+    caplog.set_level("INFO", logger="services.worker.engine.step_loop")
     rng = random.Random(1)
     specs = [(3, 60), (17, 16), (60, 30), (9, 24), (33, 8)]
     prompts = [random_prompt(rng, n) for n, _ in specs]
@@ -681,7 +682,7 @@ async def test_prompt_logprobs_match_a_plain_forward(
     options: dict[str, object],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level("INFO", logger="services.worker.hf_engine")
+    caplog.set_level("INFO", logger="services.worker.engine.step_loop")
     rng = random.Random(3)
     prompts = [random_prompt(rng, 21), random_prompt(rng, 9)]
     engine = await started(llama_dir, max_running=2, **options)  # type: ignore[arg-type]

@@ -9,8 +9,9 @@ import pytest
 import pytest_asyncio
 
 from services.worker.default_models import default_model_specs
-from services.worker.detokenizer import IncrementalDetokenizer, make_decode_fn
-from services.worker.engine import (
+from services.worker.engine.detokenizer import IncrementalDetokenizer, make_decode_fn
+from services.worker.engine.factory import create_engine
+from services.worker.engine.interface import (
     ChatMessage,
     Engine,
     FinishReason,
@@ -18,7 +19,7 @@ from services.worker.engine import (
     SamplingParams,
     StoppingParams,
 )
-from services.worker.loading import EngineOptions, create_engine
+from services.worker.engine.loading import EngineOptions
 
 # One event loop for the module, so each model loads once.
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]

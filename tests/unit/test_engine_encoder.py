@@ -11,8 +11,9 @@ from models import save_tiny_bert
 from transformers import AutoModel, AutoTokenizer
 
 from services.common.errors import InvalidRequestError
-from services.worker.engine import ChatMessage, Engine, GenerationRequest
-from services.worker.loading import EngineOptions, ModelSpec, create_engine
+from services.worker.engine.factory import create_engine
+from services.worker.engine.interface import ChatMessage, Engine, GenerationRequest
+from services.worker.engine.loading import EngineOptions, ModelSpec
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ from services.worker.default_models import (
     DEFAULT_EMBEDDING_MODEL_NAME,
     default_model_specs,
 )
-from services.worker.loading import (
+from services.worker.engine.factory import create_engine
+from services.worker.engine.loading import (
     MAX_CONTEXT_LENGTH,
     EngineOptions,
     ModelKind,
     ModelSource,
     ModelSpec,
     context_length_of,
-    create_engine,
     derive_name,
     model_kind,
     resolve_device,
@@ -110,11 +110,11 @@ def test_quantization_follows_the_cpu(
 
 
 def test_explicit_int8_warns_where_it_is_slow(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="services.worker.loading"):
+    with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
         resolve_quantization("int8", torch.device("cpu"), ModelKind.CAUSAL_LM, AVX2_ONLY)
     assert "without int8 dot-product instructions" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="services.worker.loading"):
+    with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
         resolve_quantization("int8", torch.device("cpu"), ModelKind.CAUSAL_LM, WITH_VNNI)
     assert caplog.text == ""
 

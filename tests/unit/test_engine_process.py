@@ -1,4 +1,4 @@
-"""Engines in child processes (services/worker/engine_process.py), on a tiny random Llama and a tiny
+"""Engines in child processes (services/worker/engine_process/), on a tiny random Llama and a tiny
 BERT: the same answers as in the worker's own process, errors with their types, cancellation,
 replicas sharing the load, and what happens when either side of the pipe dies."""
 
@@ -18,9 +18,9 @@ import pytest
 from models import save_tiny_bert, save_tiny_llama
 
 from services.common.errors import InvalidRequestError, UnavailableError
-from services.worker import engine_process
 from services.worker.config import WorkerConfig, add_arguments
-from services.worker.engine import (
+from services.worker.engine.factory import create_engine
+from services.worker.engine.interface import (
     ChatMessage,
     Conversation,
     Engine,
@@ -29,14 +29,17 @@ from services.worker.engine import (
     SamplingParams,
     StoppingParams,
 )
-from services.worker.engine_process import (
+from services.worker.engine.loading import EngineOptions, ModelSpec
+from services.worker.engine_process import sizing
+from services.worker.engine_process.host import EngineChildHost
+from services.worker.engine_process.pipe import Op
+from services.worker.engine_process.replicas import (
     AFFINITY_SLACK,
-    ProcessEngine,
-    auto_replicas,
+    ReplicaPool,
     create_process_engines,
     prefix_key,
 )
-from services.worker.loading import EngineOptions, ModelSpec, create_engine
+from services.worker.engine_process.sizing import auto_replicas
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_WAIT_S = 30.0
@@ -70,6 +73,11 @@ def texts_for_each_replica(count: int) -> list[str]:
         found.setdefault(key % count, text)
         n += 1
     return [found[i] for i in range(count)]
+
+
+def test_the_child_has_a_handler_for_every_operation() -> None:
+    host = EngineChildHost(None, [])  # type: ignore[arg-type]
+    assert set(host._handlers) == set(Op)
 
 
 def test_prefix_keys_follow_the_start_of_a_conversation() -> None:
@@ -142,7 +150,7 @@ async def test_replicas_answer_as_the_engine_does_in_process(
             await engine.stop()
 
     chat, embed = create_process_engines(specs(llama_dir, bert_dir), OPTIONS, replicas=2)
-    assert isinstance(chat, ProcessEngine) and chat.replicas == 2
+    assert isinstance(chat, ReplicaPool) and chat.replicas == 2
     await chat.start()
     await embed.start()
     pids = [p._process.pid for p in chat._processes if p._process and p._process.pid]
@@ -220,8 +228,8 @@ async def test_a_dead_engine_process_fails_its_calls_and_the_engine(llama_dir: P
 ORPHAN_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys, time
-    from services.worker.engine_process import create_process_engines
-    from services.worker.loading import EngineOptions, ModelSpec
+    from services.worker.engine_process.replicas import create_process_engines
+    from services.worker.engine.loading import EngineOptions, ModelSpec
 
     async def main():
         (chat,) = create_process_engines(
@@ -256,24 +264,24 @@ def test_the_engine_process_exits_when_the_worker_is_killed(llama_dir: Path) -> 
 
 def test_auto_replicas(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = ModelSpec(str(llama_dir))
-    monkeypatch.setattr(engine_process, "usable_cores", lambda: 2)
-    monkeypatch.setattr(engine_process, "_physical_memory", lambda: 64 << 30)
+    monkeypatch.setattr(sizing, "usable_cores", lambda: 2)
+    monkeypatch.setattr(sizing, "_physical_memory", lambda: 64 << 30)
     assert auto_replicas([spec], EngineOptions(device="cpu")) == 2
     # An explicit thread count asks for one process with that many threads.
     assert auto_replicas([spec], EngineOptions(device="cpu", threads=2)) == 1
     # Copies of the weights must stay under a quarter of the memory.
-    weights = engine_process._estimated_weight_bytes(spec)
-    monkeypatch.setattr(engine_process, "_physical_memory", lambda: 4 * weights + 1)
+    weights = sizing._estimated_weight_bytes(spec)
+    monkeypatch.setattr(sizing, "_physical_memory", lambda: 4 * weights + 1)
     assert auto_replicas([spec], EngineOptions(device="cpu")) == 1
-    monkeypatch.setattr(engine_process, "usable_cores", lambda: 1)
-    monkeypatch.setattr(engine_process, "_physical_memory", lambda: 64 << 30)
+    monkeypatch.setattr(sizing, "usable_cores", lambda: 1)
+    monkeypatch.setattr(sizing, "_physical_memory", lambda: 64 << 30)
     assert auto_replicas([spec], EngineOptions(device="cpu")) == 1
 
 
 def test_replicas_share_the_configured_budgets(llama_dir: Path) -> None:
     options = EngineOptions(max_running=5, max_waiting=7, kv_cache_tokens=1001, threads=None)
     (chat,) = create_process_engines([ModelSpec(str(llama_dir))], options, replicas=2)
-    assert isinstance(chat, ProcessEngine)
+    assert isinstance(chat, ReplicaPool)
     shares = [p._options for p in chat._processes]
     assert {(s.max_running, s.max_waiting, s.kv_cache_tokens) for s in shares} == {(3, 4, 501)}
     assert all(s.threads is not None and s.threads >= 1 for s in shares)

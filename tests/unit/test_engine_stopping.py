@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import pytest
 
 from services.common.errors import OverloadedError, UnavailableError
-from services.worker.detokenizer import IncrementalDetokenizer
-from services.worker.engine import SamplingParams
-from services.worker.hf_engine import EngineState, Scheduler, SequenceState
-from services.worker.sampling import SamplingState
-from services.worker.stopping import StopStringMatcher
+from services.worker.engine.detokenizer import IncrementalDetokenizer
+from services.worker.engine.interface import SamplingParams
+from services.worker.engine.sampling import SamplingState
+from services.worker.engine.scheduler import EngineState, Scheduler
+from services.worker.engine.sequence import SequenceState
+from services.worker.engine.stopping import StopStringMatcher
 
 
 def run(pieces: Sequence[str], stops: Sequence[str]) -> tuple[list[str], str | None]:

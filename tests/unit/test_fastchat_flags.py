@@ -22,7 +22,7 @@ from services.controller import config as controller_config
 from services.controller.dispatcher import DispatchMethod
 from services.gateway import config as gateway_config
 from services.worker import config as worker_config
-from services.worker.loading import ModelSpec
+from services.worker.engine.loading import ModelSpec
 from services.worker.main import Worker
 from tests.unit.fakes import FakeEngine
 from tests.unit.fakes import worker_config as fake_worker_config

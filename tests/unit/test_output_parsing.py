@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.worker.engine import FinishReason, GenerationChunk, ToolCallDelta
-from services.worker.output_parsing import (
+from services.worker.engine.interface import FinishReason, GenerationChunk, ToolCallDelta
+from services.worker.engine.output_parsing import (
     OutputParser,
     create_output_parser,
     detect_reasoning_parser,
     detect_tool_call_parser,
 )
-from services.worker.tools import ToolChoice, ToolChoiceMode
+from services.worker.engine.tools import ToolChoice, ToolChoiceMode
 
 
 @dataclass

@@ -26,15 +26,16 @@ from transformers import (
 )
 
 from services.worker.config import WorkerConfig, add_arguments
-from services.worker.engine import (
+from services.worker.engine.factory import create_engine
+from services.worker.engine.hf_engine import HFEngine
+from services.worker.engine.interface import (
     Engine,
     GenerationChunk,
     GenerationRequest,
     SamplingParams,
     StoppingParams,
 )
-from services.worker.hf_engine import HFEngine
-from services.worker.loading import EngineOptions, ModelSpec, create_engine
+from services.worker.engine.loading import EngineOptions, ModelSpec
 from services.worker.metrics import worker_metrics_registry
 from services.worker.prefix_cache import BLOCK_SIZE, PrefixCache
 from services.worker.runner import ForwardItem, HFRunner, PackedRunner

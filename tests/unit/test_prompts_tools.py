@@ -11,20 +11,20 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from services.common.errors import InvalidRequestError
-from services.worker.engine import (
+from services.worker.engine.interface import (
     ChatMessage,
     ConstraintKind,
     Conversation,
     ToolCall,
     ToolDefinition,
 )
-from services.worker.prompts import (
+from services.worker.engine.prompts import (
     encode_prompt,
     output_parsers,
     render_conversation,
     template_uses_tools,
 )
-from services.worker.tools import (
+from services.worker.engine.tools import (
     ToolChoice,
     ToolChoiceMode,
     named_schema,

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from services.worker.engine import Engine
-from services.worker.loading import (
+from services.worker.engine.factory import create_engine
+from services.worker.engine.interface import Engine
+from services.worker.engine.loading import (
     QUANTIZATION_EXACTNESS,
     QUANTIZATIONS,
     EngineOptions,
     ModelKind,
     ModelSpec,
-    create_engine,
     resolve_quantization,
 )
 from services.worker.quantization import BF16Linear, quantize, quantize_bf16
@@ -118,11 +118,11 @@ def test_quantization_follows_the_cpu(
 
 
 def test_explicit_bf16_warns_where_it_is_slow(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="services.worker.loading"):
+    with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
         resolve_quantization("bf16", torch.device("cpu"), ModelKind.CAUSAL_LM, AVX2_ONLY)
     assert "without amx_bf16" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="services.worker.loading"):
+    with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
         resolve_quantization("bf16", torch.device("cpu"), ModelKind.CAUSAL_LM, WITH_AMX)
     assert caplog.text == ""
 
@@ -163,7 +163,7 @@ async def test_bf16_engine_greedy_is_batch_invariant(
     rng = random.Random(2)
     specs = [(3, 40), (17, 16), (60, 24), (9, 30)]
     prompts = [random_prompt(rng, n) for n, _ in specs]
-    caplog.set_level("INFO", logger="services.worker.loading")
+    caplog.set_level("INFO", logger="services.worker.engine.loading")
     engine = await started(llama_dir, max_running=4, max_batch_tokens=16)
     try:
         assert "quantization bf16 (requested bf16): approximate" in caplog.text

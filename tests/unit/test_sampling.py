@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from services.common.errors import InvalidRequestError
-from services.worker.engine import SamplingParams
-from services.worker.sampling import SamplingState, sample, validate_logit_bias, validate_sampling
+from services.worker.engine.interface import SamplingParams
+from services.worker.engine.sampling import SamplingState, sample
+from services.worker.engine.validation import validate_logit_bias, validate_sampling
 
 V = 8
 

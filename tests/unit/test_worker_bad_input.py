@@ -1,5 +1,6 @@
 """Sampling values that would break float32 arithmetic in the sampler are handled where requests
-enter the worker (services.worker.convert), found by tests/fuzz/test_worker_rpc_fuzz.py."""
+enter the worker (services.worker.convert, by the rules of services.worker.engine.validation),
+found by tests/fuzz/test_worker_rpc_fuzz.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 
 from chatfleet.v1 import worker_pb2
 from services.common.errors import InvalidRequestError
-from services.worker.convert import MIN_REPETITION_PENALTY, to_generation_request
+from services.worker.convert import to_generation_request
+from services.worker.engine.validation import MIN_REPETITION_PENALTY
 
 
 def request(**sampling: float) -> worker_pb2.GenerateRequest:

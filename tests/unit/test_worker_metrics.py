@@ -21,14 +21,15 @@ from prometheus_text import Scrape
 from chatfleet.v1 import worker_pb2, worker_pb2_grpc
 from services.common.grpc_server import insecure_channel
 from services.worker.config import WorkerConfig
-from services.worker.engine import (
+from services.worker.engine.factory import create_engine
+from services.worker.engine.hf_engine import HFEngine
+from services.worker.engine.interface import (
     GenerationChunk,
     GenerationRequest,
     SamplingParams,
     StoppingParams,
 )
-from services.worker.hf_engine import HFEngine
-from services.worker.loading import EngineOptions, ModelSpec, create_engine
+from services.worker.engine.loading import EngineOptions, ModelSpec
 from services.worker.main import Worker
 
 MODEL = "tiny"
@@ -190,7 +191,7 @@ async def test_queue_running_batch_and_kv_cache_gauges(llama_dir: Path) -> None:
 async def test_preemptions_are_counted_and_logged_with_the_request_id(
     llama_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="services.worker.hf_engine")
+    caplog.set_level(logging.INFO, logger="services.worker.engine.step_loop")
     # Room in the KV cache for one sequence: the second one admitted is preempted.
     async with metered_worker(llama_dir, max_running=2, kv_cache_tokens=256) as worker:
         engine = engine_of(worker)

@@ -17,7 +17,7 @@ from chatfleet.v1 import worker_pb2, worker_pb2_grpc
 from services.common.errors import OverloadedError
 from services.common.grpc_errors import field_of
 from services.common.grpc_server import GrpcServer, create_server, insecure_channel
-from services.worker.engine import ConstraintKind, Conversation, GenerationChunk
+from services.worker.engine.interface import ConstraintKind, Conversation, GenerationChunk
 from services.worker.main import SERVICE_NAME, Worker
 from services.worker.servicer import ModelRegistry, WorkerServicer
 from tests.unit.fakes import FakeEngine, worker_config

@@ -9,7 +9,7 @@ import pytest
 
 from services.worker import config as worker_config
 from services.worker.config import WorkerConfig, add_arguments
-from services.worker.loading import EngineOptions, ModelSpec
+from services.worker.engine.loading import EngineOptions, ModelSpec
 
 DEFAULT_SPECS = [ModelSpec("/site/chat", ("chat-default",)), ModelSpec("/site/embed", ("embed",))]
 

@@ -11,7 +11,7 @@ from google.protobuf import struct_pb2
 from chatfleet.v1 import common_pb2, worker_pb2
 from services.common.errors import InvalidRequestError
 from services.worker import convert
-from services.worker.engine import (
+from services.worker.engine.interface import (
     ChatMessage,
     ConstraintKind,
     Conversation,
@@ -28,7 +28,7 @@ from services.worker.engine import (
     ToolDefinition,
     TopLogprob,
 )
-from services.worker.tools import ToolChoice, ToolChoiceMode
+from services.worker.engine.tools import ToolChoice, ToolChoiceMode
 
 
 def test_unset_fields_take_the_engine_defaults() -> None:

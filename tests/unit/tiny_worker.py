@@ -11,7 +11,8 @@ from pathlib import Path
 
 from chatfleet.v1 import worker_pb2_grpc
 from services.common.grpc_server import create_server
-from services.worker.loading import EngineOptions, ModelSpec, create_engine
+from services.worker.engine.factory import create_engine
+from services.worker.engine.loading import EngineOptions, ModelSpec
 from services.worker.main import SERVICE_NAME
 from services.worker.servicer import ModelRegistry, WorkerServicer
 

@@ -6,61 +6,20 @@ min-p, then one draw per row from the row's own torch.Generator (greedy rows tak
 Logprobs are therefore log_softmax of the penalised logits before temperature and truncation: the
 model's own view of each token, which does not change with the sampling knobs. Each step of
 processing touches only the rows that use it, so a row's result never depends on its batch.
+The parameters' ranges are checked before a request is admitted (validation.py).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import InvalidRequestError
-from services.worker.constraints import SequenceConstraint, TokenMasker
-from services.worker.engine import SamplingParams
+from services.worker.engine.constraints import SequenceConstraint, TokenMasker
+from services.worker.engine.interface import SamplingParams
 
-MAX_TOP_LOGPROBS = 20
-MAX_LOGIT_BIAS = 100.0
 _NEG_INF = float("-inf")
-
-
-def validate_sampling(params: SamplingParams) -> None:
-    """Raise InvalidRequestError naming the first out-of-range parameter."""
-
-    def check(ok: bool, param: str, rule: str, value: float) -> None:
-        if not ok:
-            raise InvalidRequestError(f"{param} must be {rule}, got {value}", param=param)
-
-    p = params
-    # `not (x >= 0)` style comparisons also reject NaN.
-    check(p.temperature >= 0 and math.isfinite(p.temperature), "temperature", ">= 0", p.temperature)
-    check(0 < p.top_p <= 1, "top_p", "in (0, 1]", p.top_p)
-    check(p.top_k >= 0, "top_k", ">= 0 (0 disables it)", p.top_k)
-    check(0 <= p.min_p <= 1, "min_p", "in [0, 1]", p.min_p)
-    check(
-        p.repetition_penalty > 0 and math.isfinite(p.repetition_penalty),
-        "repetition_penalty",
-        "> 0",
-        p.repetition_penalty,
-    )
-    check(-2 <= p.presence_penalty <= 2, "presence_penalty", "in [-2, 2]", p.presence_penalty)
-    check(-2 <= p.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]", p.frequency_penalty)
-
-
-def validate_logit_bias(logit_bias: Sequence[tuple[int, float]], vocab_size: int) -> None:
-    """Token ids in the vocabulary, biases finite and within +-100 (OpenAI's range)."""
-    for token_id, bias in logit_bias:
-        if not 0 <= token_id < vocab_size:
-            raise InvalidRequestError(
-                f"logit_bias token id {token_id} is out of the vocabulary (0..{vocab_size - 1})",
-                param="logit_bias",
-            )
-        if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
-            raise InvalidRequestError(
-                f"logit_bias values must be between -100 and 100, got {bias} for token {token_id}",
-                param="logit_bias",
-            )
 
 
 class SamplingState:

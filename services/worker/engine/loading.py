@@ -1,5 +1,6 @@
-"""Turn a model path and engine options into an Engine: path, device and dtype resolution and the
-transformers loading code that runs on the engine thread.
+"""What a model is and how to run it (ModelSpec, EngineOptions), and how it is loaded: path,
+device, dtype and quantization resolution up front (`plan_load`), then the transformers loading
+code that runs on the engine thread (`LoadPlan.load`).
 
 torch and transformers are imported where used, so configs and the CLI can import ModelSpec and
 EngineOptions without paying seconds of import time.
@@ -21,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.worker.engine import SamplingParams
+from services.worker.engine.interface import SamplingParams
 
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-
-    from services.worker.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +80,10 @@ class EngineOptions:
     kv_cache_tokens: int = 65_536
     # The packed batched runner for Llama-family models; False forces the per-sequence path.
     packed: bool = True
-    # Linear layers with smaller weights (quantization.py; CPU only), each row independent of
-    # the batch, and approximate (greedy output drifts from float32 generate after some tokens;
-    # their rounding also amplifies the runner's last-bit batch effects: bench/README.md):
+    # Linear layers with smaller weights (services/worker/quantization.py; CPU only), each row
+    # independent of the batch, and approximate (greedy output drifts from float32 generate after
+    # some tokens; their rounding also amplifies the runner's last-bit batch effects:
+    # bench/README.md):
     # int8: int8 weights and per-token int8 activations, a quarter of the float32 bytes;
     # bf16: bfloat16 weights pre-packed for oneDNN (AMX), half the bytes, faster than int8 on AMX.
     # auto: for generative models on a CPU, bf16 where it has AMX-BF16, else int8 where it has
@@ -93,8 +93,9 @@ class EngineOptions:
     # depend on what else is in the batch (bench/README.md). auto becomes the default once decode
     # attention is batch-invariant. The worker logs the mode it resolved to and whether it is exact.
     quantization: str = "none"
-    # Reuse the keys and values of prompt prefixes earlier requests computed (runner.py; the
-    # packed runner only), inside the kv_cache_tokens budget. Exact: greedy output is the same.
+    # Reuse the keys and values of prompt prefixes earlier requests computed (the packed runner
+    # of services/worker/runner.py only), inside the kv_cache_tokens budget. Exact: greedy output
+    # is the same.
     prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -231,13 +232,6 @@ def usable_cores() -> int:
 def default_threads() -> int:
     """All usable cores but one, at least one: for an engine inside the gRPC process."""
     return max(1, usable_cores() - 1)
-
-
-def create_engine(spec: ModelSpec, options: EngineOptions) -> Engine:
-    """Resolve and validate `spec` (cheap); `await engine.start()` loads the model."""
-    from services.worker.hf_engine import HFEngine  # hf_engine imports this module's types
-
-    return HFEngine(plan_load(spec, options), options)
 
 
 def plan_load(spec: ModelSpec, options: EngineOptions) -> LoadPlan:

@@ -159,7 +159,7 @@ class GenerationChunk:
     completion_tokens: int = 0
     is_prompt_echo: bool = False
     stop_reason: str = ""
-    # Filled by the worker's output parsing (services/worker/output_parsing.py), not by engines.
+    # Filled by the worker's output parsing (engine/output_parsing.py), not by engines.
     reasoning_text: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     # Set by engines on a request's first chunk when the rendered prompt leaves a reasoning block

@@ -15,8 +15,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
-from services.worker.engine import FinishReason, GenerationChunk, ToolCallDelta
-from services.worker.tools import ToolChoice, ToolChoiceMode
+from services.worker.engine.interface import FinishReason, GenerationChunk, ToolCallDelta
+from services.worker.engine.tools import ToolChoice, ToolChoiceMode
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 REASONING_PARSERS = ("think",)

@@ -27,7 +27,7 @@ import llguidance.torch as lt
 import torch
 
 from services.common.errors import InvalidRequestError
-from services.worker.engine import ConstraintKind, OutputConstraint
+from services.worker.engine.interface import ConstraintKind, OutputConstraint
 
 CONSTRAINT_PARAM = "constraint"
 # Compiled grammars kept per engine: agents reuse a handful of schemas over and over.

@@ -18,9 +18,9 @@ from typing import Any
 import jinja2
 
 from services.common.errors import InvalidRequestError
-from services.worker.engine import ChatMessage, Conversation, Prompt, ToolDefinition
-from services.worker.output_parsing import detect_reasoning_parser, detect_tool_call_parser
-from services.worker.tools import parameters_schema
+from services.worker.engine.interface import ChatMessage, Conversation, Prompt, ToolDefinition
+from services.worker.engine.output_parsing import detect_reasoning_parser, detect_tool_call_parser
+from services.worker.engine.tools import parameters_schema
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # apply_chat_template's own arguments and the variables transformers sets itself: a request's
@@ -280,7 +280,8 @@ def _with_hermes_tools(
 
 
 def _arguments(text: str) -> Any:
-    """A call's arguments as the template wants them: parsed JSON (convert.py checked it)."""
+    """A call's arguments as the template wants them: parsed JSON (services/worker/convert.py
+    checked it)."""
     try:
         return json.loads(text) if text else {}
     except ValueError as exc:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import InvalidRequestError
-from services.worker.engine import ConstraintKind, OutputConstraint, ToolDefinition
+from services.worker.engine.interface import ConstraintKind, OutputConstraint, ToolDefinition
 
 # The arguments schema of a function that declares none.
 EMPTY_PARAMETERS: Mapping[str, Any] = {"type": "object", "properties": {}}
