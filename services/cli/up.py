@@ -64,7 +64,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, FlagParser]:
 # ---- What the services' output says about their start-up -------------------------------------
 
 _LISTENING = re.compile(r"listening on (?P<address>\S+)")
-_LOADING = re.compile(r"loading (?P<name>\S+) from ")  # services.worker.loading
+_LOADING = re.compile(r"loading (?P<name>\S+) from ")  # services.worker.engine.loading
 _LOADING_STEP = re.compile(r"loading (?P<name>\S+): (?P<step>.+)$")
 _LOADED = re.compile(r"loaded (?P<name>\S+) \(.*\) in (?P<seconds>[\d.]+)s")
 # A tqdm bar: "Converting and de-quantizing GGUF tensors...:  45%|####      | 123/272 [...]"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from services.common.backoff import Backoff
 from services.eval.errors import (
     ApiKeyRejectedError,
     EndpointStatusError,
@@ -32,8 +34,12 @@ class RetryPolicy:
     attempts: int = 4
     backoff_s: float = 1.0
 
-    def delay(self, attempt: int) -> float:
-        return self.backoff_s * (2**attempt)
+    def backoff(self) -> Backoff | None:
+        """The waits of one request's retries: `backoff_s`, doubled each time (no cap: the
+        attempts bound them); None for a `backoff_s` of 0, which retries at once."""
+        if self.backoff_s == 0:
+            return None
+        return Backoff(first=self.backoff_s, cap=math.inf)
 
 
 class ChatEndpoint:
@@ -98,6 +104,7 @@ class ChatEndpoint:
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         where = f"{self.url}{path}"
+        backoff = self._retry.backoff()
         failure: EvalError | None = None
         for attempt in range(self._retry.attempts):
             try:
@@ -114,7 +121,7 @@ class ChatEndpoint:
                 if not _retryable(response.status_code):
                     raise failure
             if attempt + 1 < self._retry.attempts:
-                delay = self._retry.delay(attempt)
+                delay = backoff.step() if backoff is not None else 0.0
                 logger.info("%s: %s; retrying in %.1f s", self.role, failure, delay)
                 await asyncio.sleep(delay)
         assert failure is not None

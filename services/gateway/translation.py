@@ -245,7 +245,7 @@ def choice_request(
     """The Generate call of one choice: `base` with the choice's request id and sampling."""
     call = worker_pb2.GenerateRequest()
     call.CopyFrom(base)
-    # Each call of a request needs its own id: the worker keys cancellation on it.
+    # Each call of a request gets its own id, so the worker's log records tell its choices apart.
     call.request_id = f"{request_id}-{index}" if many else request_id
     call.sampling.CopyFrom(sampling(request, seed_offset))
     return call

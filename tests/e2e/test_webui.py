@@ -18,6 +18,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from chatfleet.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.cli.launcher import ServiceProcess, free_port
+from services.common.backoff import Backoff
 from services.common.grpc_server import insecure_channel
 from tests.integration.conftest import CHAT_MODEL, HOST, READY_TIMEOUT_S, Stack, service_env
 
@@ -129,14 +130,14 @@ def worker_load(address: str) -> common_pb2.Load:
 def wait_idle(page: Page, address: str, timeout_s: float = 30.0) -> common_pb2.Load:
     """The worker's load once nothing runs or waits (asked again with a growing pause: the worker
     has no way to announce it)."""
-    delay_ms, waited_ms = 50.0, 0.0
+    backoff, waited_s = Backoff(first=0.05, cap=1.0), 0.0
     while True:
         load = worker_load(address)
-        if (load.running, load.waiting) == (0, 0) or waited_ms > timeout_s * 1000:
+        if (load.running, load.waiting) == (0, 0) or waited_s > timeout_s:
             return load
-        page.wait_for_timeout(delay_ms)
-        waited_ms += delay_ms
-        delay_ms = min(delay_ms * 2, 1000.0)
+        delay_s = backoff.step()
+        page.wait_for_timeout(delay_s * 1000)
+        waited_s += delay_s
 
 
 def answer_text(page: Page, container: str) -> str:

@@ -8,6 +8,7 @@ Needs root and iproute2; skipped, with the reason, where network namespaces cann
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -22,7 +23,7 @@ import httpx
 import pytest
 
 from chatfleet.v1 import controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.cli.launcher import ServiceProcess, wait_models_listed
+from services.cli.launcher import ServiceProcess, wait_models_listed, watch_fleet
 from services.common.grpc_server import insecure_channel
 from services.worker.default_models import DEFAULT_CHAT_MODEL_NAME, default_chat_model_path
 
@@ -281,13 +282,13 @@ async def _worker_states(controller: str) -> dict[str, int]:
 
 
 async def _wait_state(controller: str, address: str, state: int) -> None:
-    """Until the controller reports `address` in `state`; it pushes nothing, so ask again."""
+    """Until the controller reports `address` in `state`, as its WatchWorkers stream pushes it."""
 
     async def reached() -> None:
-        delay = 0.1
-        while (await _worker_states(controller)).get(address) != state:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        async with contextlib.aclosing(watch_fleet(controller)) as fleet:
+            async for reply in fleet:
+                if {worker.address: worker.state for worker in reply.workers}.get(address) == state:
+                    return
 
     await asyncio.wait_for(reached(), DETECT_TIMEOUT_S)
 

