@@ -28,7 +28,7 @@ STATIC_BATCH_SIZE = 16
 class Baselines:
     model_path: str
     threads: int  # torch intra-op threads of this process
-    quantization: str  # the weights generate ran on: "none" or "int8" (as the worker's flag)
+    quantization: str  # the weights generate ran on: "none", "int8" or "bf16" (resolved)
     prompt_tokens: tuple[int, ...]  # per prompt of the set, as the worker tokenizes it
     # One greedy generate per prompt of the set, one after the other.
     single_requests: int
@@ -54,12 +54,12 @@ def measure_baselines(
     transformers.logging.set_verbosity_error()  # generate's notes on unused sampling flags
     transformers.logging.disable_progress_bar()  # loading bars would flood the report
     model, tokenizer = _load(Path(model_path))
-    # Resolved as the worker resolves it ("auto": int8 only on a CPU with int8 instructions).
+    # Resolved as the worker resolves it ("auto": bf16 with AMX, int8 with VNNI, else none).
     quantization = resolve_quantization(quantization, model.device, ModelKind.CAUSAL_LM)
-    if quantization == "int8":
-        from services.worker.quantization import quantize_int8
+    if quantization != "none":
+        from services.worker.engine.quantization import quantize
 
-        quantize_int8(model)
+        quantize(model, quantization)
     encoded = [list(tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
     batch_prompts = [prompts[i % len(prompts)] for i in range(batch_size)]
     with torch.inference_mode():

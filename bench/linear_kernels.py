@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from services.worker.quantization import BF16Linear, Int8Linear
+from services.worker.engine.quantization import BF16Linear, Int8Linear
 
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 576, 1536, 49152, 30
 KV = 192  # 3 key/value heads of 64

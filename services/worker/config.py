@@ -49,7 +49,9 @@ class WorkerConfig:
     kv_cache_tokens: int = EngineOptions.kv_cache_tokens
     packed: bool = EngineOptions.packed
     prefix_caching: bool = EngineOptions.prefix_caching
-    quantization: str = EngineOptions.quantization
+    # The served default: smaller weights where the CPU multiplies them fast (approximate);
+    # in-process engines (EngineOptions) stay exact unless asked.
+    quantization: str = "auto"
     # Run the models in a child process of their own (with every core for torch), so the gRPC
     # server never takes the engine's GIL or time slices; False keeps them in this process.
     engine_process: bool = True
@@ -368,15 +370,14 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         "--quantization",
         default=defaults.quantization,
         choices=QUANTIZATIONS,
-        help="weights of the linear layers (CPU only; in every mode a layer computes each row "
-        "independently of the batch). none: "
-        "float32 (exact: greedy output equals float32 generate); int8 (approximate: differs from "
-        "float32 generate): int8 weights and per-token int8 activations, a speed-up only with "
-        "VNNI or AMX int8 instructions; bf16 (approximate: differs from float32 generate): "
-        "bfloat16 weights pre-packed for oneDNN, a speed-up with AMX; auto: for "
-        "generative models, bf16 on CPUs with AMX-BF16, else int8 on CPUs with VNNI, else none; "
-        "the worker logs the mode it resolved to. The default, none, keeps greedy output "
-        "independent of the batch",
+        help="weights of the linear layers (CPU only; in every mode a request's greedy output "
+        "does not depend on what else is in its batch). none: float32, exact: greedy output "
+        "equals float32 generate; bf16 (approximate: differs from float32 generate): bfloat16 "
+        "weights pre-packed for oneDNN, a speed-up with AMX; int8 (approximate, likewise): int8 "
+        "weights and per-token int8 activations, a speed-up only with VNNI or AMX int8 "
+        "instructions; auto (the default): for generative models on a CPU, bf16 with AMX-BF16, "
+        "else int8 with VNNI, else none; embeddings and GPUs stay none. The worker logs the mode "
+        "it resolved to",
     )
     parser.add_argument(
         "--load-8bit",

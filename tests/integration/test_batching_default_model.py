@@ -85,3 +85,38 @@ async def test_mixed_batch_equals_generate_alone(
     finally:
         await engine.stop()
     assert results == expected
+
+
+async def test_the_served_default_mode_is_batch_invariant_and_cache_exact(
+    chat_model: tuple[PreTrainedModel, list[list[int]]],
+) -> None:
+    """The worker's default, `--quantization auto` (bf16 on an AMX CPU, else int8 or none), is
+    approximate against float32 generate, but a request's greedy answer is the same in a mixed
+    batch as alone, and the same when its prompt is served from the prefix cache."""
+    _, prompts = chat_model
+    engine = create_engine(
+        default_model_specs()[0],
+        EngineOptions(max_running=4, max_batch_tokens=48, quantization="auto"),
+    )
+    await engine.start()
+
+    async def run(index: int) -> list[int]:
+        request = GenerationRequest(
+            request_id=f"auto{index}-{asyncio.get_running_loop().time()}",
+            prompt=prompts[index],
+            sampling=SamplingParams(temperature=0.0),
+            stopping=StoppingParams(max_tokens=NEW_TOKENS, ignore_eos=True),
+        )
+        tokens: list[int] = []
+        async for chunk in engine.generate(request):
+            tokens.extend(chunk.token_ids)
+        return tokens
+
+    try:
+        together = await asyncio.gather(*(run(i) for i in range(len(prompts))))
+        # Alone, one after the other: each prompt's full blocks now come from the cache.
+        alone = [await run(i) for i in range(len(prompts))]
+        assert engine.stats().prefix_cache_hit_tokens > 0
+    finally:
+        await engine.stop()
+    assert together == alone

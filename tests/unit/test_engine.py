@@ -34,7 +34,7 @@ from services.worker.engine.interface import (
     StoppingParams,
 )
 from services.worker.engine.loading import EngineOptions, ModelSpec
-from services.worker.quantization import quantize_int8
+from services.worker.engine.quantization import quantize_int8
 
 GREEDY = SamplingParams(temperature=0.0)
 

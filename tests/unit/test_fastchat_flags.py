@@ -106,7 +106,7 @@ def test_host_port_device_dtype() -> None:
 
 
 def test_load_8bit_is_int8_weights() -> None:
-    assert worker([]).engine_options().quantization == "none"
+    assert worker([]).engine_options().quantization == "auto"
     config = worker(["--load-8bit", "--device", "cpu"])
     assert config.quantization == "int8"
     assert config.engine_options().quantization == "int8"

@@ -36,9 +36,9 @@ from services.worker.engine.interface import (
     StoppingParams,
 )
 from services.worker.engine.loading import EngineOptions, ModelSpec
+from services.worker.engine.prefix_cache import BLOCK_SIZE, PrefixCache
+from services.worker.engine.runner import ForwardItem, HFRunner, PackedRunner
 from services.worker.metrics import worker_metrics_registry
-from services.worker.prefix_cache import BLOCK_SIZE, PrefixCache
-from services.worker.runner import ForwardItem, HFRunner, PackedRunner
 
 VOCAB = 300
 SHAPE: dict[str, Any] = {
@@ -339,12 +339,30 @@ async def answer(engine: Engine, prompt: Sequence[int], max_tokens: int) -> Gene
     return chunk
 
 
+BF16_AVAILABLE = (
+    torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
+
+
+@pytest.mark.parametrize(
+    "quantization",
+    [
+        "none",
+        pytest.param(
+            "bf16",
+            marks=pytest.mark.skipif(not BF16_AVAILABLE, reason="no bfloat16 oneDNN products"),
+        ),
+    ],
+)
 async def test_engine_reuses_earlier_turns_and_answers_as_without_the_cache(
-    llama_dir: Path,
+    llama_dir: Path, quantization: str
 ) -> None:
     rng = random.Random(2)
     system = [rng.randrange(3, 512) for _ in range(40)]
-    engines = [await started(llama_dir), await started(llama_dir, prefix_caching=False)]
+    engines = [
+        await started(llama_dir, quantization=quantization),
+        await started(llama_dir, prefix_caching=False, quantization=quantization),
+    ]
     try:
         answers: list[list[GenerationChunk]] = [[], []]
         for engine, turns in zip(engines, answers, strict=True):

@@ -21,8 +21,8 @@ from services.worker.engine.loading import (
     ModelSpec,
     resolve_quantization,
 )
-from services.worker.quantization import BF16Linear, quantize, quantize_bf16
-from services.worker.runner import fuse_linears
+from services.worker.engine.quantization import BF16Linear, quantize, quantize_bf16
+from services.worker.engine.runner import fuse_linears
 from tests.unit.models import save_tiny_llama
 from tests.unit.test_engine import collect, hf_greedy, random_prompt, request
 
@@ -134,11 +134,11 @@ def test_every_mode_states_whether_it_is_exact() -> None:
     assert all(QUANTIZATION_EXACTNESS[m].startswith("approximate") for m in modes - {"none"})
 
 
-def test_the_default_is_exact() -> None:
+def test_in_process_engines_default_to_exact_and_the_worker_to_auto() -> None:
     from services.worker.config import WorkerConfig
 
     assert EngineOptions().quantization == "none"
-    assert WorkerConfig(models=(ModelSpec("model"),)).engine_options().quantization == "none"
+    assert WorkerConfig(models=(ModelSpec("model"),)).engine_options().quantization == "auto"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from services.worker.runner import (
+from services.worker.engine.runner import (
     CacheFullError,
     ForwardItem,
     HFRunner,

@@ -32,7 +32,9 @@ def test_defaults() -> None:
     assert (config.host, config.port) == ("127.0.0.1", 21002)
     assert config.controller_address == "127.0.0.1:21001"
     assert config.no_register is False
-    assert config.engine_options() == EngineOptions()
+    # The served default quantizes where the CPU multiplies small weights fast (approximate);
+    # in-process engines stay exact unless asked.
+    assert config.engine_options() == EngineOptions(quantization="auto")
     assert config.heartbeat_interval == 5.0
     assert config.shutdown_grace == 10.0
     assert config.advertised_address(21002) == "127.0.0.1:21002"
@@ -106,7 +108,12 @@ def test_engine_and_registration_flags() -> None:
         ]
     )
     assert config.engine_options() == EngineOptions(
-        device="cuda:1", dtype="bfloat16", max_running=4, max_waiting=8, threads=2
+        device="cuda:1",
+        dtype="bfloat16",
+        max_running=4,
+        max_waiting=8,
+        threads=2,
+        quantization="auto",
     )
     assert config.no_register is True
     assert not config.advertised_address(4242).startswith("0.0.0.0")

@@ -4,8 +4,8 @@ owns the model and runs the scheduler's work (scheduler.py) over per-request seq
 
 The event loop side validates a request (validation.py), tokenizes it and compiles its grammar on
 a helper thread, queues it, and reads the chunks the engine thread hands back, so nothing here
-blocks asyncio. The engine thread loads the model, builds the runner (services/worker/runner.py),
-warms up, then steps until the engine stops.
+blocks asyncio. The engine thread loads the model, builds the runner (runner.py), warms up, then
+steps until the engine stops.
 """
 
 from __future__ import annotations
@@ -59,18 +59,18 @@ from services.worker.engine.prompts import (
     output_parsers,
     validate_messages,
 )
+from services.worker.engine.runner import (
+    CAPACITY_QUANTUM,
+    HFRunner,
+    ModelRunner,
+    create_runner,
+)
 from services.worker.engine.sampling import SamplingState
 from services.worker.engine.scheduler import EngineState, Scheduler
 from services.worker.engine.sequence import SequenceState
 from services.worker.engine.step_loop import StepCounters, StepLoop
 from services.worker.engine.stopping import StopStringMatcher
 from services.worker.engine.validation import check_context, validate_request
-from services.worker.runner import (
-    CAPACITY_QUANTUM,
-    HFRunner,
-    ModelRunner,
-    create_runner,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -80,22 +80,21 @@ class EngineOptions:
     kv_cache_tokens: int = 65_536
     # The packed batched runner for Llama-family models; False forces the per-sequence path.
     packed: bool = True
-    # Linear layers with smaller weights (services/worker/quantization.py; CPU only), each row
-    # independent of the batch, and approximate (greedy output drifts from float32 generate after
-    # some tokens; their rounding also amplifies the runner's last-bit batch effects:
-    # bench/README.md):
+    # Linear layers with smaller weights (engine/quantization.py; CPU only), each row independent
+    # of the batch, and approximate (greedy output drifts from float32 generate after
+    # some tokens: bench/README.md):
     # int8: int8 weights and per-token int8 activations, a quarter of the float32 bytes;
     # bf16: bfloat16 weights pre-packed for oneDNN (AMX), half the bytes, faster than int8 on AMX.
     # auto: for generative models on a CPU, bf16 where it has AMX-BF16, else int8 where it has
     # int8 dot products (VNNI, AMX-INT8), else none (int8 is slower without them).
-    # The default stays none, exact: on the default model bf16 and int8 rounding turn the decode
-    # attention's last-bit batch effects into different tokens, so a request's greedy output would
-    # depend on what else is in the batch (bench/README.md). auto becomes the default once decode
-    # attention is batch-invariant. The worker logs the mode it resolved to and whether it is exact.
+    # In-process engines (tests, bench scripts) default to none, exact; the worker's flag defaults
+    # to auto (services/worker/config.py). Every mode is batch-invariant: each row's linear
+    # products and its decode attention are computed as if it ran alone. The worker logs the mode
+    # it resolved to and whether it is exact.
     quantization: str = "none"
     # Reuse the keys and values of prompt prefixes earlier requests computed (the packed runner
-    # of services/worker/runner.py only), inside the kv_cache_tokens budget. Exact: greedy output
-    # is the same.
+    # of engine/runner.py only), inside the kv_cache_tokens budget. Exact: greedy output is the
+    # same.
     prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -448,7 +447,7 @@ def resolve_quantization(
     dot-product instructions, else none; none off the CPU and for encoders (embeddings stay
     full precision). An explicit int8 or bf16 is kept, with a warning where it runs slower than
     full precision."""
-    from services.worker.quantization import (
+    from services.worker.engine.quantization import (
         BF16_MATMUL_FEATURES,
         INT8_DOT_FEATURES,
         bf16_matmul_is_fast,
@@ -486,8 +485,8 @@ def resolve_quantization(
 
 
 def _quantize(model: PreTrainedModel, device: torch.device, mode: str) -> PreTrainedModel:
-    """Batch-invariant int8 or bf16 linear layers (services.worker.quantization): CPU only."""
-    from services.worker.quantization import quantize
+    """Batch-invariant int8 or bf16 linear layers (engine/quantization.py): CPU only."""
+    from services.worker.engine.quantization import quantize
 
     if device.type != "cpu":
         raise ValueError(f"{mode} quantization runs on the CPU only, not on {device}")

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from services.worker.prefix_cache import CachedBlock, PrefixCache
-from services.worker.quantization import BF16Linear, Int8Linear
+from services.worker.engine.prefix_cache import CachedBlock, PrefixCache
+from services.worker.engine.quantization import BF16Linear, Int8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +119,10 @@ class PackedRunner(ModelRunner):
     """All items of a step in one forward over the packed tokens [N].
 
     Linear layers and norms see the N tokens as one matrix, so the weights are read once per
-    step whatever the batch. Attention runs per group: one SDPA call for all decoding rows over
-    a view of the cache, one per prefill chunk. The cache keeps each sequence's keys and values
-    contiguous in its own row of [rows, kv_heads, capacity, head_dim] tensors; rows stay dense
-    (a freed row is filled by the last one) so attention reads plain views, never gathers.
+    step whatever the batch. Attention runs per sequence: one SDPA call per decoding row over
+    exactly its own positions, one per prefill chunk. The cache keeps each sequence's keys and
+    values contiguous in its own row of [rows, kv_heads, capacity, head_dim] tensors; rows stay
+    dense (a freed row is filled by the last one) so attention reads plain views, never gathers.
     """
 
     def __init__(
@@ -176,6 +176,9 @@ class PackedRunner(ModelRunner):
         self._q_size = self.num_heads * self.head_dim
         self._kv_size = self.num_kv_heads * self.head_dim
         self._intermediate = self.layers[0].mlp.gate_proj.out_features
+        # Per-head q/k norms (Qwen3) sit between the projection and the rotation; without them
+        # q and k are rotated together, in one pass over both.
+        self._qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
 
     # -- cache ---------------------------------------------------------------------------
 
@@ -298,7 +301,8 @@ class PackedRunner(ModelRunner):
         device = self.device
         decode = [item for item in items if len(item.token_ids) == 1]
         prefill = [item for item in items if len(item.token_ids) > 1]
-        ordered = decode + prefill  # decode tokens first: they form one attention group
+        ordered = decode + prefill  # decode tokens first
+        decode_spans = [(self._row_of[item.key], item.start + 1) for item in decode]
         tokens = [t for item in ordered for t in item.token_ids]
         positions = [
             p for item in ordered for p in range(item.start, item.start + len(item.token_ids))
@@ -308,18 +312,6 @@ class PackedRunner(ModelRunner):
         position_t = torch.tensor(positions, dtype=torch.long, device=device)
         row_t = torch.tensor(rows, dtype=torch.long, device=device)
 
-        # Decode group: every cache row up to the longest decoding sequence, one query per
-        # decoding row; rows not decoding this step get no query (their output is dropped).
-        n_rows = len(self._keys)
-        decode_rows = row_t[: len(decode)]
-        decode_len = max((item.start + 1 for item in decode), default=0)
-        decode_mask = None
-        if decode:
-            # Rows without a query still attend to one position: a fully masked row is NaN.
-            lengths = torch.ones(n_rows, dtype=torch.long, device=device)
-            lengths[decode_rows] = position_t[: len(decode)] + 1
-            kv_positions = torch.arange(decode_len, device=device)
-            decode_mask = (kv_positions[None, :] < lengths[:, None])[:, None, None, :]
         prefill_groups = []
         offset = len(decode)
         for item in prefill:
@@ -332,36 +324,46 @@ class PackedRunner(ModelRunner):
 
         hidden = self.decoder.embed_tokens(token_t)  # [N, hidden]
         cos, sin = self.decoder.rotary_emb(hidden, position_t[None, :])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [N, 1, head_dim]
+        cos = cos[0][:, None, :]  # [N, 1, head_dim]
+        # rotate_half(x) * sin == flip_halves(x) * signed_sin, bit for bit (a sign is exact).
+        half = self.head_dim // 2
+        signed_sin = torch.cat((-sin[0][:, :half], sin[0][:, half:]), dim=-1)[:, None, :]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q, k, v = self._qkv[index](x).split(
-                (self._q_size, self._kv_size, self._kv_size), dim=-1
-            )
-            q = q.reshape(-1, self.num_heads, self.head_dim)
-            k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-            v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-            if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qkv = self._qkv[index](_rms_norm(layer.input_layernorm, hidden))
+            v = qkv[:, self._q_size + self._kv_size :].unflatten(-1, (kv_heads, head_dim))
+            if self._qk_norm:
+                q = attn.q_norm(qkv[:, : self._q_size].unflatten(-1, (heads, head_dim)))
+                k = attn.k_norm(
+                    qkv[:, self._q_size : self._q_size + self._kv_size].unflatten(
+                        -1, (kv_heads, head_dim)
+                    )
+                )
+                q = q * cos + _flip_halves(q) * signed_sin
+                k = k * cos + _flip_halves(k) * signed_sin
+            else:
+                qk = qkv[:, : self._q_size + self._kv_size].unflatten(
+                    -1, (heads + kv_heads, head_dim)
+                )
+                qk = qk * cos + _flip_halves(qk) * signed_sin
+                q, k = qk[:, :heads], qk[:, heads:]
             cache_k, cache_v = self._k[index], self._v[index]
             cache_k[row_t, :, position_t] = k
             cache_v[row_t, :, position_t] = v
             out = torch.empty_like(q)
-            if decode:
-                query = q.new_zeros(n_rows, self.num_heads, 1, self.head_dim)
-                query[decode_rows, :, 0] = q[: len(decode)]
-                attended = F.scaled_dot_product_attention(
-                    query,
-                    cache_k[:n_rows, :, :decode_len],
-                    cache_v[:n_rows, :, :decode_len],
-                    attn_mask=decode_mask,
+            # Each decoding row attends to exactly its own positions, in a call of its own: the
+            # very call it gets when it runs alone, so its result does not depend on the batch
+            # (bit for bit, which keeps bf16 greedy output batch-invariant), and no row pays for
+            # the longest one's padding.
+            for i, (row, length) in enumerate(decode_spans):
+                out[i] = F.scaled_dot_product_attention(
+                    q[i, :, None][None],
+                    cache_k[row : row + 1, :, :length],
+                    cache_v[row : row + 1, :, :length],
                     scale=self.scaling,
                     enable_gqa=True,
-                )
-                out[: len(decode)] = attended[decode_rows, :, 0]
+                )[0, :, 0]
             for start, n, row, total, causal in prefill_groups:
                 attended = F.scaled_dot_product_attention(
                     q[start : start + n].transpose(0, 1)[None],
@@ -374,9 +376,9 @@ class PackedRunner(ModelRunner):
                 out[start : start + n] = attended[0].transpose(0, 1)
             hidden = hidden + attn.o_proj(out.reshape(len(tokens), -1))
             mlp = layer.mlp
-            gate, up = self._gate_up[index](layer.post_attention_layernorm(hidden)).split(
-                self._intermediate, dim=-1
-            )
+            gate, up = self._gate_up[index](
+                _rms_norm(layer.post_attention_layernorm, hidden)
+            ).split(self._intermediate, dim=-1)
             hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
         # Logits only where a token is sampled next (the last token of each wanting item) or
@@ -397,7 +399,7 @@ class PackedRunner(ModelRunner):
         if not wanted:
             return hidden.new_empty(0, self.model.config.vocab_size)
         picked = hidden[torch.tensor(wanted, dtype=torch.long, device=device)]
-        return self.model.lm_head(self.decoder.norm(picked)).float()
+        return self.model.lm_head(_rms_norm(self.decoder.norm, picked)).float()
 
     # -- prefix cache --------------------------------------------------------------------
 
@@ -633,9 +635,21 @@ def _cat_biases(biases: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> 
     )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _flip_halves(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [x2, x1] along the last dimension (rotate_half without its sign)."""
+    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for the Llama-family RMSNorm, in one fused op where that is bit-identical to
+    transformers' (float32; tested), else the module itself."""
+    eps = getattr(norm, "variance_epsilon", None)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(eps, float) or not isinstance(weight, torch.Tensor):
+        return norm(x)
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _round_up(value: int, quantum: int = CAPACITY_QUANTUM) -> int:

@@ -22,11 +22,11 @@ import torch
 from services.common.errors import UnavailableError
 from services.worker.engine.constraints import TokenMasker
 from services.worker.engine.interface import FinishReason, TokenLogprob, TopLogprob
+from services.worker.engine.runner import ForwardItem, ModelRunner
 from services.worker.engine.sampling import RowLogprobs, sample
 from services.worker.engine.scheduler import Scheduler
 from services.worker.engine.sequence import QueueItem, SequenceState
 from services.worker.engine.stopping import advance
-from services.worker.runner import ForwardItem, ModelRunner
 
 logger = logging.getLogger(__name__)
 
