@@ -70,6 +70,11 @@ def fastchat_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "--model-names", EMBEDDING_MODEL,
         "--seed", "0",
         "--limit-worker-concurrency", "8",
+        # FastChat's CPU worker serves float32, and so does this stack: the seeds' chat requests
+        # sample (temperature 0.5) with no max_tokens, so their length is the model's choice; in
+        # float32 with seed 0 they end in ~60 tokens, while bf16's sampled answer to the same
+        # seed runs past 1,500 (minutes at one stream here).
+        "--quantization", "none",
     ]  # fmt: skip
     running = make_stack(tmp_path_factory.mktemp("fastchat-stack-logs"), worker_args)
     try:

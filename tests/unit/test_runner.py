@@ -186,3 +186,44 @@ def test_all_logits_items_return_every_position(kind: str) -> None:
     torch.testing.assert_close(second, expected[8:], atol=1e-4, rtol=1e-4)
     assert ForwardItem("a", prompt[:8], 0, False, True).logit_rows == 8
     assert ForwardItem("a", prompt[:8], 0, True).logit_rows == 1
+
+
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
+)
+def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode() -> None:
+    """With bf16 layers (the served default on AMX CPUs), the logits after a prompt are equal bit
+    for bit whether it is prefilled whole, in chunks of any size (1 and 2 included), or decoded
+    token by token, alone or beside other sequences: oneDNN's bf16 products compute each row
+    alike for any number of rows, and attention runs per block (runner._attention_groups).
+    (float32 products are not row-invariant in MKL, which picks its kernel by the row count; the
+    float32 path is checked against generate's greedy tokens instead.)"""
+    from services.worker.engine.quantization import quantize
+
+    model = quantize(tiny("llama"), "bf16")
+    rng = random.Random(5)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(41)]
+    other = [rng.randrange(3, VOCAB) for _ in range(23)]
+
+    def last_logits(chunks: list[int], *, neighbour: bool) -> torch.Tensor:
+        runner = PackedRunner(model, max_rows=4, max_cache_tokens=4096)
+        start = 0
+        logits = torch.empty(0)
+        for size in chunks:
+            piece = prompt[start : start + size]
+            last = start + size == len(prompt)
+            items = [ForwardItem("p", piece, start, want_logits=last)]
+            if neighbour:
+                items.insert(0, ForwardItem(("o", start), other[: 1 + start % 20], 0, True))
+            result = runner.forward(items)
+            if last:
+                logits = result[-1]
+            if neighbour:
+                runner.release(("o", start))
+            start += size
+        return logits
+
+    whole = last_logits([41], neighbour=False)
+    for chunks in ([7, 16, 1, 2, 15], [1] * 41, [40, 1], [16, 16, 9], [2, 2, 37]):
+        for neighbour in (False, True):
+            assert torch.equal(last_logits(chunks, neighbour=neighbour), whole), (chunks, neighbour)

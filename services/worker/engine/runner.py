@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from services.worker.engine.prefix_cache import CachedBlock, PrefixCache
+from services.worker.engine.prefix_cache import BLOCK_SIZE, CachedBlock, PrefixCache
 from services.worker.engine.quantization import BF16Linear, Int8Linear
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,26 @@ CAPACITY_QUANTUM = 256
 
 class CacheFullError(RuntimeError):
     """The KV cache budget cannot hold what the step needs; the scheduler must preempt."""
+
+
+# Attention is computed per block of this many positions (the prefix cache's block, so a cached
+# prefix ends on a boundary), each block's queries over the keys up to the block's end.
+ATTENTION_BLOCK = BLOCK_SIZE
+# SDPA's CPU kernel computes one or two queries another way than three or more.
+MIN_QUERY_ROWS = 3
+
+
+@dataclass(frozen=True)
+class _AttentionGroup:
+    """One SDPA call: packed query rows [start, end) (or the rows `take`, padded), of cache row
+    `row`, over its first `length` positions, under `mask`."""
+
+    start: int
+    end: int
+    take: torch.Tensor | None
+    row: int
+    length: int
+    mask: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -119,9 +139,10 @@ class PackedRunner(ModelRunner):
     """All items of a step in one forward over the packed tokens [N].
 
     Linear layers and norms see the N tokens as one matrix, so the weights are read once per
-    step whatever the batch. Attention runs per sequence: one SDPA call per decoding row over
-    exactly its own positions, one per prefill chunk. The cache keeps each sequence's keys and
-    values contiguous in its own row of [rows, kv_heads, capacity, head_dim] tensors; rows stay
+    step whatever the batch. Attention runs per sequence and per block of ATTENTION_BLOCK
+    positions (`_attention_groups`), so a position's attention never depends on the batch, the
+    prefill chunking or the prefix cache. The cache keeps each sequence's keys and values
+    contiguous in its own row of [rows, kv_heads, capacity, head_dim] tensors; rows stay
     dense (a freed row is filled by the last one) so attention reads plain views, never gathers.
     """
 
@@ -299,28 +320,15 @@ class PackedRunner(ModelRunner):
         self._length = ends
 
         device = self.device
-        decode = [item for item in items if len(item.token_ids) == 1]
-        prefill = [item for item in items if len(item.token_ids) > 1]
-        ordered = decode + prefill  # decode tokens first
-        decode_spans = [(self._row_of[item.key], item.start + 1) for item in decode]
-        tokens = [t for item in ordered for t in item.token_ids]
+        tokens = [t for item in items for t in item.token_ids]
         positions = [
-            p for item in ordered for p in range(item.start, item.start + len(item.token_ids))
+            p for item in items for p in range(item.start, item.start + len(item.token_ids))
         ]
-        rows = [self._row_of[item.key] for item in ordered for _ in item.token_ids]
+        rows = [self._row_of[item.key] for item in items for _ in item.token_ids]
         token_t = torch.tensor(tokens, dtype=torch.long, device=device)
         position_t = torch.tensor(positions, dtype=torch.long, device=device)
         row_t = torch.tensor(rows, dtype=torch.long, device=device)
-
-        prefill_groups = []
-        offset = len(decode)
-        for item in prefill:
-            n = len(item.token_ids)
-            total = item.start + n
-            query_pos = torch.arange(item.start, total, device=device)
-            causal = torch.arange(total, device=device)[None, :] <= query_pos[:, None]
-            prefill_groups.append((offset, n, self._row_of[item.key], total, causal[None, None]))
-            offset += n
+        groups = self._attention_groups(items)
 
         hidden = self.decoder.embed_tokens(token_t)  # [N, hidden]
         cos, sin = self.decoder.rotary_emb(hidden, position_t[None, :])
@@ -352,28 +360,19 @@ class PackedRunner(ModelRunner):
             cache_k[row_t, :, position_t] = k
             cache_v[row_t, :, position_t] = v
             out = torch.empty_like(q)
-            # Each decoding row attends to exactly its own positions, in a call of its own: the
-            # very call it gets when it runs alone, so its result does not depend on the batch
-            # (bit for bit, which keeps bf16 greedy output batch-invariant), and no row pays for
-            # the longest one's padding.
-            for i, (row, length) in enumerate(decode_spans):
-                out[i] = F.scaled_dot_product_attention(
-                    q[i, :, None][None],
-                    cache_k[row : row + 1, :, :length],
-                    cache_v[row : row + 1, :, :length],
-                    scale=self.scaling,
-                    enable_gqa=True,
-                )[0, :, 0]
-            for start, n, row, total, causal in prefill_groups:
+            for group in groups:
+                query = q[group.start : group.end] if group.take is None else q[group.take]
                 attended = F.scaled_dot_product_attention(
-                    q[start : start + n].transpose(0, 1)[None],
-                    cache_k[row : row + 1, :, :total],
-                    cache_v[row : row + 1, :, :total],
-                    attn_mask=causal,
+                    query.transpose(0, 1)[None],
+                    cache_k[group.row : group.row + 1, :, : group.length],
+                    cache_v[group.row : group.row + 1, :, : group.length],
+                    attn_mask=group.mask,
                     scale=self.scaling,
                     enable_gqa=True,
                 )
-                out[start : start + n] = attended[0].transpose(0, 1)
+                out[group.start : group.end] = attended[0, :, : group.end - group.start].transpose(
+                    0, 1
+                )
             hidden = hidden + attn.o_proj(out.reshape(len(tokens), -1))
             mlp = layer.mlp
             gate, up = self._gate_up[index](
@@ -385,7 +384,7 @@ class PackedRunner(ModelRunner):
         # where an item asks for all of them.
         first_index: dict[Hashable, int] = {}
         cursor = 0
-        for item in ordered:
+        for item in items:
             first_index[item.key] = cursor
             cursor += len(item.token_ids)
         wanted = [
@@ -400,6 +399,46 @@ class PackedRunner(ModelRunner):
             return hidden.new_empty(0, self.model.config.vocab_size)
         picked = hidden[torch.tensor(wanted, dtype=torch.long, device=device)]
         return self.model.lm_head(_rms_norm(self.decoder.norm, picked)).float()
+
+    def _attention_groups(self, items: Sequence[ForwardItem]) -> list[_AttentionGroup]:
+        """The attention calls of a step: each item's query rows cut at ATTENTION_BLOCK
+        boundaries; a group's rows attend over the keys up to the END of their block, masked
+        causally. A position's attention is then one and the same computation whether it is
+        decoded, prefilled in one chunk or in several, or follows a cached prefix (whose blocks
+        end on these boundaries), and whatever else is in the step: bit for bit, so bf16 greedy
+        output does not depend on the batch, the chunking or the prefix cache. Groups of fewer
+        than MIN_QUERY_ROWS rows repeat their last row: SDPA takes another path for one or two
+        queries, whose results differ in the last bits."""
+        device = self.device
+        groups: list[_AttentionGroup] = []
+        offset = 0
+        for item in items:
+            row = self._row_of[item.key]
+            end_position = item.start + len(item.token_ids)
+            position = item.start
+            while position < end_position:
+                block_end = (position // ATTENTION_BLOCK + 1) * ATTENTION_BLOCK
+                stop = min(end_position, block_end)
+                count = stop - position
+                query_positions = torch.arange(position, stop, device=device)
+                take = None
+                if count < MIN_QUERY_ROWS:
+                    pad = MIN_QUERY_ROWS - count
+                    query_positions = torch.cat((query_positions, query_positions[-1:].repeat(pad)))
+                    first = offset + position - item.start
+                    take = torch.tensor(
+                        [*range(first, first + count), *([first + count - 1] * pad)],
+                        dtype=torch.long,
+                        device=device,
+                    )
+                mask = torch.arange(block_end, device=device)[None, :] <= query_positions[:, None]
+                start = offset + position - item.start
+                groups.append(
+                    _AttentionGroup(start, start + count, take, row, block_end, mask[None, None])
+                )
+                position = stop
+            offset += len(item.token_ids)
+        return groups
 
     # -- prefix cache --------------------------------------------------------------------
 
