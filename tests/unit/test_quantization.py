@@ -21,7 +21,15 @@ from services.worker.engine.loading import (
     ModelSpec,
     resolve_quantization,
 )
-from services.worker.engine.quantization import BF16Linear, quantize, quantize_bf16
+from services.worker.engine.quantization import (
+    INT4_GROUP,
+    BF16Linear,
+    Int4Linear,
+    RowSplit,
+    SplitLinear,
+    quantize,
+    quantize_bf16,
+)
 from services.worker.engine.runner import fuse_linears
 from tests.unit.models import save_tiny_llama
 from tests.unit.test_engine import collect, hf_greedy, random_prompt, request
@@ -82,6 +90,99 @@ def test_fused_bf16_layers_answer_with_their_columns() -> None:
             assert torch.equal(layer(x), expected)
 
 
+def grid_linear(
+    in_features: int, out_features: int, seed: int = 0
+) -> tuple[nn.Linear, torch.Tensor]:
+    """Weights on a GGUF Q4_1-like grid: 16 levels per group of 32 inputs, w = d * q + m with
+    d and m exact in bfloat16 (as a file's fp16 scales mostly are after rounding)."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = in_features // INT4_GROUP
+    d = (torch.rand(out_features, groups, 1, generator=generator) * 0.01 + 0.001).bfloat16()
+    m = (torch.randn(out_features, groups, 1, generator=generator) * 0.05).bfloat16()
+    q = torch.randint(0, 16, (out_features, groups, INT4_GROUP), generator=generator)
+    q[..., 0], q[..., 1] = 0, 15  # every group spans its whole grid, as a quantizer makes it
+    layer = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_((q * d.float() + m.float()).reshape(out_features, in_features))
+    return layer, q.reshape(out_features, in_features)
+
+
+def test_int4_layers_keep_a_4_bit_grid_as_it_is() -> None:
+    dense, grid = grid_linear(576, 192)
+    layer = Int4Linear.from_linear(dense)
+    # The file's codes come back as they are; d * q + m == (q - 8) * d + (m + 8 d) to within a
+    # bfloat16 rounding of the offset m + 8 d.
+    codes = torch.stack((layer.codes & 15, layer.codes >> 4), dim=-1).flatten(-2)
+    assert torch.equal(codes.long(), grid)
+    error = (layer.dequantized() - dense.weight.detach()).abs()
+    assert float(error.max()) <= 2**-8 * float(dense.weight.abs().max())
+    assert layer.codes.shape == (192, 576 // 2) and layer.codes.dtype == torch.uint8
+    x = torch.randn(5, 576)
+    with torch.inference_mode():
+        expected = x @ layer.dequantized().t()
+        got = layer(x)
+    assert got.dtype == torch.float32
+    assert float((got - expected).abs().max()) <= 0.02 * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (64, 1024)])
+def test_int4_rows_do_not_depend_on_the_batch(shape: tuple[int, int]) -> None:
+    layer = Int4Linear.from_linear(linear(*shape))
+    x = torch.randn(33, shape[0])
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+        for rows in (2, 3, 4, 5, 8, 16, 17, 32, 33):
+            assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+
+
+def test_fused_int4_layers_answer_with_their_columns() -> None:
+    parts = [linear(64, n, bias=True, seed=n) for n in (64, 32, 32)]
+    layers = [Int4Linear.from_linear(p) for p in parts]
+    x = torch.randn(7, 64)
+    with torch.inference_mode():
+        before = [layer(x) for layer in layers]
+        fused = fuse_linears(layers)
+        assert isinstance(fused, Int4Linear) and fused.out_features == 128
+        assert torch.equal(fused(x), torch.cat(before, dim=1))
+        for layer, expected in zip(layers, before, strict=True):
+            assert layer.weight_packed is None and not layer.codes.numel()
+            assert torch.equal(layer(x), expected)
+        # A second runner on the same model fuses the same layers again.
+        assert torch.equal(fuse_linears(layers)(x), fused(x))
+
+
+def test_split_layers_take_the_kernel_of_each_row() -> None:
+    parts = [linear(64, n, seed=n) for n in (64, 32)]
+    layers = [SplitLinear.from_linear(p) for p in parts]
+    fused = fuse_linears(layers)
+    assert isinstance(fused, SplitLinear) and fused.out_features == 96
+    x = torch.randn(6, 64)
+    generated = torch.tensor([1, 4])
+    prompt = torch.tensor([0, 2, 3, 5])
+    with torch.inference_mode():
+        as_int4 = fused.generated(x)
+        as_bf16 = fused.prompt(x)
+        assert not torch.equal(as_int4, as_bf16)  # two kernels, two roundings
+        mixed = fused(x, RowSplit(generated, prompt))
+        assert torch.equal(mixed[generated], as_int4[generated])
+        assert torch.equal(mixed[prompt], as_bf16[prompt])
+        empty = torch.tensor([], dtype=torch.long)
+        assert torch.equal(fused(x, RowSplit(torch.arange(6), empty)), as_int4)
+        assert torch.equal(fused(x, RowSplit(empty, torch.arange(6))), as_bf16)
+        assert torch.equal(fused(x), as_bf16)  # transformers' own forward: prompt rows
+        assert torch.equal(layers[1](x, RowSplit(generated, prompt)), mixed[:, 64:])
+
+
+def test_int4_keeps_the_output_layer_and_odd_shapes_in_bf16(llama_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    model.model.layers[0].mlp.down_proj = linear(128, 40)  # 40 outputs: not a multiple of 16
+    quantize(model, "int4")
+    assert isinstance(model.lm_head, BF16Linear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, BF16Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, SplitLinear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, SplitLinear)
+
+
 def test_quantize_replaces_every_linear() -> None:
     model = nn.Sequential(linear(8, 16), nn.ReLU(), nn.Sequential(linear(16, 8)))
     quantize(model, "bf16")
@@ -108,6 +209,7 @@ def test_quantize_replaces_every_linear() -> None:
         # an explicit choice is kept
         ("bf16", "cpu", ModelKind.CAUSAL_LM, AVX2_ONLY, "bf16"),
         ("int8", "cpu", ModelKind.CAUSAL_LM, WITH_AMX, "int8"),
+        ("int4", "cpu", ModelKind.CAUSAL_LM, WITH_AMX, "int4"),
         ("none", "cpu", ModelKind.CAUSAL_LM, WITH_AMX, "none"),
     ],
 )
@@ -146,27 +248,28 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
-async def started(path: Path, **options: object) -> Engine:
+async def started(path: Path, quantization: str = "bf16", **options: object) -> Engine:
     engine = create_engine(
         ModelSpec(str(path), ("tiny",)),
-        EngineOptions(threads=1, quantization="bf16", **options),  # type: ignore[arg-type]
+        EngineOptions(threads=1, quantization=quantization, **options),  # type: ignore[arg-type]
     )
     await engine.start()
     return engine
 
 
-async def test_bf16_engine_greedy_is_batch_invariant(
-    llama_dir: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("mode", ["bf16", "int4"])
+async def test_engine_greedy_is_batch_invariant(
+    llama_dir: Path, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:
-    """Each request of a concurrent mixed batch gets the tokens it gets alone, and those of
-    transformers' generate on the same bf16 layers."""
+    """Each request of a concurrent mixed batch gets the tokens it gets alone, and with bf16
+    those of transformers' generate on the same bf16 layers."""
     rng = random.Random(2)
     specs = [(3, 40), (17, 16), (60, 24), (9, 30)]
     prompts = [random_prompt(rng, n) for n, _ in specs]
     caplog.set_level("INFO", logger="services.worker.engine.loading")
-    engine = await started(llama_dir, max_running=4, max_batch_tokens=16)
+    engine = await started(llama_dir, mode, max_running=4, max_batch_tokens=16)
     try:
-        assert "quantization bf16 (requested bf16): approximate" in caplog.text
+        assert f"quantization {mode} (requested {mode}): approximate" in caplog.text
         together = await asyncio.gather(
             *(
                 collect(engine, request(p, max_tokens=n))
@@ -183,4 +286,5 @@ async def test_bf16_engine_greedy_is_batch_invariant(
     quantize_bf16(reference)
     for prompt, (_, max_tokens), mixed, single in zip(prompts, specs, together, alone, strict=True):
         assert mixed.token_ids == single.token_ids
-        assert mixed.token_ids == hf_greedy(reference, prompt, max_tokens)
+        if mode == "bf16":  # int4 decodes with other weights than generate's forward
+            assert mixed.token_ids == hf_greedy(reference, prompt, max_tokens)

@@ -227,3 +227,47 @@ def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode
     for chunks in ([7, 16, 1, 2, 15], [1] * 41, [40, 1], [16, 16, 9], [2, 2, 37]):
         for neighbour in (False, True):
             assert torch.equal(last_logits(chunks, neighbour=neighbour), whole), (chunks, neighbour)
+
+
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
+)
+def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recompute() -> None:
+    """Under int4 quantization generated positions take the 4-bit kernel and prompt positions
+    the bf16 one, by what the position holds: a generated token's logits are equal bit for bit
+    whether it was decoded step by step, alone or beside another sequence, or recomputed with
+    the prompt in one or several chunks after a preemption."""
+    from services.worker.engine.quantization import quantize
+
+    model = quantize(tiny("llama"), "int4")
+    rng = random.Random(9)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(21)]
+    generated = [rng.randrange(3, VOCAB) for _ in range(12)]
+    tokens = prompt + generated
+    other = [rng.randrange(3, VOCAB) for _ in range(30)]
+
+    def last_logits(
+        chunks: list[int], *, neighbour: bool, prompt_length: int | None
+    ) -> torch.Tensor:
+        runner = PackedRunner(model, max_rows=4, max_cache_tokens=4096)
+        start = 0
+        logits = torch.empty(0)
+        for size in chunks:
+            items = [
+                ForwardItem("s", tokens[start : start + size], start, True, False, prompt_length)
+            ]
+            if neighbour:
+                items.append(ForwardItem(("o", start), other[: 2 + start % 25], 0, True, False, 3))
+            logits = runner.forward(items)[0]
+            if neighbour:
+                runner.release(("o", start))
+            start += size
+        return logits
+
+    decoded = last_logits([21] + [1] * 12, neighbour=False, prompt_length=21)
+    for chunks in ([21] + [1] * 12, [5, 16] + [1] * 12, [33], [22, 11], [7, 7, 7, 12]):
+        for neighbour in (False, True):
+            got = last_logits(chunks, neighbour=neighbour, prompt_length=21)
+            assert torch.equal(got, decoded), (chunks, neighbour)
+    # The same tokens as one long prompt take the bf16 kernel everywhere: another rounding.
+    assert not torch.equal(last_logits([33], neighbour=False, prompt_length=None), decoded)

@@ -1,6 +1,6 @@
 """Linear layers with smaller weights whose results do not depend on the batch.
 
-Two modes, both approximate (greedy output differs from float32 `generate` after some tokens):
+Three modes, all approximate (greedy output differs from float32 `generate` after some tokens):
 
 - int8: int8 weights with one scale per output channel; activations are quantized per token (per
   row) at each call; the product accumulates exactly in int32 (torch._int_mm). Because every row
@@ -12,6 +12,11 @@ Two modes, both approximate (greedy output differs from float32 `generate` after
   torch.compile's CPU backend uses). Half the float32 bytes, and on an AMX CPU faster than int8
   at every batch size measured (bench/linear_kernels.py, bench/README.md). Rows are
   independent: each output row is the same in any batch (tested).
+- int4: generated tokens go through 4-bit weights in groups of 32 with a bfloat16 scale and zero
+  each (Int4Linear: a GGUF file's own Q4 grid, an eighth of the float32 bytes, bfloat16
+  activations, float32 accumulation), prompt tokens through the bf16 layers (SplitLinear says
+  why). The output layer stays bf16 (a GGUF keeps it at 8 bits or more). Rows are independent,
+  and which kernel a row takes depends on its position's token only.
 
 Everything outside the linear layers (norms, attention, rotary positions) stays float32.
 """
@@ -20,13 +25,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
 _QMAX = 127.0
+# Input features per 4-bit group: a GGUF Q4_0 / Q4_1 block, a Q4_K sub-block.
+INT4_GROUP = 32
 # CPU features that multiply int8 in hardware (dot-product instructions), which torch._int_mm
 # needs to be fast. Without them it runs a generic path: measured on an AVX2-only AMD EPYC,
 # 1 GOP/s against about 26 GFLOP/s for the float32 product of the same shape, and served int8
@@ -104,55 +114,40 @@ def quantize_int8(model: nn.Module) -> int:
     return replaced
 
 
-class BF16Linear(nn.Module):
-    """A drop-in for nn.Linear (float32 in, float32 out) with bfloat16 weights pre-packed for
-    oneDNN. The packed weight is an opaque oneDNN tensor: it cannot be sliced, copied or moved,
-    so fused layers (`fuse`) hand their originals a slice of the fused product instead."""
+_Packed = TypeVar("_Packed", bound="_PackedLinear")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+
+class _PackedLinear(nn.Module):
+    """What the pre-packed layers share: an nn.Linear drop-in (float32 in, float32 out) whose
+    weights are in a kernel's own layout, and `fuse`: one layer computing the concatenated outputs
+    of several (same input), each of which then drops its weights and answers with its columns of
+    the fused product (a packed weight cannot be sliced into views)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        # A plain attribute, not a buffer: state_dict() and .to() cannot handle opaque tensors.
-        self.weight_packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(
-            weight.detach().to(torch.bfloat16).contiguous(), 1
-        )
-        self.bias_bf16: torch.Tensor | None = (
-            None if bias is None else bias.detach().to(torch.bfloat16).contiguous()
-        )
+        self.in_features, self.out_features = in_features, out_features
         # Set by `fuse`: this layer's outputs are columns [start, end) of `_source`'s.
-        self._source: BF16Linear | None = None
-        self._columns = (0, self.out_features)
+        self._source: _PackedLinear | None = None
+        self._columns = (0, out_features)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> BF16Linear:
-        return cls(linear.weight, linear.bias)
+    def _concatenate(cls: type[_Packed], layers: Sequence[_Packed]) -> _Packed:
+        raise NotImplementedError
 
-    def weight_bf16(self) -> torch.Tensor:
-        """The plain [out, in] bfloat16 weight (unpacked: a copy)."""
-        if self._source is not None:
-            start, end = self._columns
-            return self._source.weight_bf16()[start:end]
-        assert self.weight_packed is not None
-        return self.weight_packed.to_dense()
+    def _drop_weights(self) -> None:
+        raise NotImplementedError
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in_features] -> [rows, out_features], float32."""
+        raise NotImplementedError
 
     @classmethod
-    def fuse(cls, layers: Sequence[BF16Linear]) -> BF16Linear:
-        """One layer computing the concatenated outputs of `layers` (same input); each of them
-        drops its packed weight and answers with its columns of the fused product."""
-        biases = [layer.bias_bf16 for layer in layers]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat(
-                [
-                    b if b is not None else torch.zeros(layer.out_features, dtype=torch.bfloat16)
-                    for b, layer in zip(biases, layers, strict=True)
-                ]
-            )
-        fused = cls(torch.cat([layer.weight_bf16() for layer in layers]), bias)
+    def fuse(cls: type[_Packed], layers: Sequence[_Packed]) -> _Packed:
+        fused = cls._concatenate(layers)
         start = 0
         for layer in layers:
             end = start + layer.out_features
-            layer.weight_packed = layer.bias_bf16 = None
+            layer._drop_weights()
             # object.__setattr__: not a submodule, so model.modules() lists the fused layer once.
             object.__setattr__(layer, "_source", fused)
             layer._columns = (start, end)
@@ -163,13 +158,203 @@ class BF16Linear(nn.Module):
         if self._source is not None:
             start, end = self._columns
             return self._source(x)[..., start:end]
-        out = torch.ops.mkldnn._linear_pointwise(
+        out = self._product(x.reshape(-1, self.in_features))
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class BF16Linear(_PackedLinear):
+    """bfloat16 weights pre-packed for oneDNN. The packed weight is an opaque oneDNN tensor: it
+    cannot be sliced, copied or moved."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.shape[1], weight.shape[0])
+        # A plain attribute, not a buffer: state_dict() and .to() cannot handle opaque tensors.
+        self.weight_packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(
+            weight.detach().to(torch.bfloat16).contiguous(), 1
+        )
+        self.bias_bf16: torch.Tensor | None = (
+            None if bias is None else bias.detach().to(torch.bfloat16).contiguous()
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> BF16Linear:
+        return cls(linear.weight, linear.bias)
+
+    def weight_bf16(self) -> torch.Tensor:
+        """The plain [out, in] bfloat16 weight (unpacked: a copy)."""
+        if self._source is not None:
+            start, end = self._columns
+            assert isinstance(self._source, BF16Linear)
+            return self._source.weight_bf16()[start:end]
+        assert self.weight_packed is not None
+        return self.weight_packed.to_dense()
+
+    @classmethod
+    def _concatenate(cls, layers: Sequence[BF16Linear]) -> BF16Linear:
+        biases = [layer.bias_bf16 for layer in layers]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat(
+                [
+                    b if b is not None else torch.zeros(layer.out_features, dtype=torch.bfloat16)
+                    for b, layer in zip(biases, layers, strict=True)
+                ]
+            )
+        return cls(torch.cat([layer.weight_bf16() for layer in layers]), bias)
+
+    def _drop_weights(self) -> None:
+        self.weight_packed = self.bias_bf16 = None
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(
             x.to(torch.bfloat16), self.weight_packed, self.bias_bf16, "none", [], ""
         )
-        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+
+
+class Int4Linear(_PackedLinear):
+    """4-bit weights in groups of INT4_GROUP input features, w = (code - 8) * scale + zero with a
+    bfloat16 scale and zero per group and output feature; bfloat16 activations, float32
+    accumulation (torch._weight_int4pack_mm_for_cpu). A GGUF Q4_0 / Q4_1 / Q4_K tensor is such a
+    grid already (16 levels per block of 32), so its codes come back as they are in the file and
+    only the scales are rounded to bfloat16. The kernel computes each output row from its input
+    row alone, in the same order for any number of rows: batch-invariant (tested). It is
+    memory-light rather than compute-heavy: fastest for a few rows (decoding few streams), slower
+    than bf16 for many (bench/README.md)."""
+
+    def __init__(
+        self, codes: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        out_features, half = codes.shape
+        super().__init__(half * 2, out_features)
+        # Two codes a byte, [out, in / 2] (low nibble first): kept to fuse layers, as the
+        # kernel's packed layout interleaves rows and cannot be concatenated.
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales_zeros", scales_zeros)  # [in / group, out, 2] bfloat16
+        self.register_buffer("bias", bias)  # float32 or None
+        self.weight_packed: torch.Tensor | None = torch._convert_weight_to_int4pack_for_cpu(
+            _unpack_nibbles(codes).to(torch.int32), 1
+        )
+
+    @staticmethod
+    def supports(linear: nn.Linear) -> bool:
+        """The kernel's shape constraints: whole groups of inputs, outputs in sixteens."""
+        return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        """Round each group to 16 levels between its minimum and its maximum (exactly the
+        file's levels when the weights came from a 4-bit GGUF grid)."""
+        weight = linear.weight.detach().float()
+        out_features, in_features = weight.shape
+        groups = weight.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny)
+        scale_bf16 = scale.to(torch.bfloat16)
+        zero_bf16 = (low + 8 * scale).to(torch.bfloat16)
+        # Codes against the rounded scale and zero, so their rounding is not counted twice.
+        codes = torch.round(
+            (groups - zero_bf16.float()[..., None]) / scale_bf16.float()[..., None] + 8
+        ).clamp(0, 15)
+        codes = codes.to(torch.uint8).reshape(out_features, in_features)
+        scales_zeros = torch.stack((scale_bf16.t(), zero_bf16.t()), dim=-1).contiguous()
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        return cls(_pack_nibbles(codes), scales_zeros, bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The [out, in] float32 weights the kernel multiplies by."""
+        packed_codes, scales_zeros, _ = self.parts()
+        codes = _unpack_nibbles(packed_codes).float() - 8
+        scale = scales_zeros[..., 0].t().float().repeat_interleave(INT4_GROUP, dim=1)
+        zero = scales_zeros[..., 1].t().float().repeat_interleave(INT4_GROUP, dim=1)
+        return codes * scale + zero
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(codes, scales_zeros, bias) of this layer, slices of the fused layer's once fused."""
+        if self._source is not None:
+            assert isinstance(self._source, Int4Linear)
+            codes, scales_zeros, bias = self._source.parts()
+            start, end = self._columns
+            return (
+                codes[start:end],
+                scales_zeros[:, start:end],
+                None if bias is None else bias[start:end],
+            )
+        return self.codes, self.scales_zeros, self.bias
+
+    @classmethod
+    def _concatenate(cls, layers: Sequence[Int4Linear]) -> Int4Linear:
+        parts = [layer.parts() for layer in layers]
+        return cls(
+            torch.cat([codes for codes, _, _ in parts]),
+            torch.cat([scales_zeros for _, scales_zeros, _ in parts], dim=1),
+            cat_optional([bias for _, _, bias in parts], [n.out_features for n in layers]),
+        )
+
+    def _drop_weights(self) -> None:
+        self.weight_packed = None
+        self.codes = self.scales_zeros = torch.empty(0)
+        self.bias = None
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.weight_packed is not None
+        out = torch._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16).contiguous(), self.weight_packed, INT4_GROUP, self.scales_zeros
+        ).float()
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4"
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """Which rows of a step's packed tokens hold generated tokens (the rest are prompt tokens)."""
+
+    generated: torch.Tensor  # row indices, long
+    prompt: torch.Tensor  # row indices, long
+
+
+class SplitLinear(nn.Module):
+    """The int4 mode's layer: the same weights twice, 4-bit (Int4Linear) for the positions of
+    generated tokens, bfloat16 (BF16Linear) for those of prompt tokens. Decoding feeds one row per
+    stream per step, where reading the weights is the cost and 4 bits read four times less;
+    prompts feed hundreds of rows, where the products are the cost and AMX's bf16 tiles win
+    (bench/README.md). The kernel is chosen by what a position holds, never by the batch: each
+    position computes the same in any batch, chunking or preemption (tested). A prefix cache must
+    share only blocks of prompt positions (engine/runner.py). Without a RowSplit (transformers'
+    own forward) every row is a prompt row."""
+
+    def __init__(self, generated: Int4Linear, prompt: BF16Linear) -> None:
+        super().__init__()
+        self.generated, self.prompt = generated, prompt
+        self.in_features, self.out_features = prompt.in_features, prompt.out_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> SplitLinear:
+        return cls(Int4Linear.from_linear(linear), BF16Linear.from_linear(linear))
+
+    @classmethod
+    def fuse(cls, layers: Sequence[SplitLinear]) -> SplitLinear:
+        return cls(
+            Int4Linear.fuse([layer.generated for layer in layers]),
+            BF16Linear.fuse([layer.prompt for layer in layers]),
+        )
+
+    def forward(self, x: torch.Tensor, rows: RowSplit | None = None) -> torch.Tensor:
+        if rows is None or not len(rows.generated):
+            return self.prompt(x)
+        if not len(rows.prompt):
+            return self.generated(x)
+        out = x.new_empty(x.shape[0], self.out_features)
+        out[rows.generated] = self.generated(x[rows.generated])
+        out[rows.prompt] = self.prompt(x[rows.prompt])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 + bf16"
 
 
 def quantize_bf16(model: nn.Module) -> int:
@@ -181,12 +366,45 @@ def quantize_bf16(model: nn.Module) -> int:
     return replaced
 
 
+def quantize_int4(model: nn.Module) -> int:
+    """Replace the nn.Linear layers of `model` in place by SplitLinear (4-bit for generated
+    tokens, bf16 for prompts), all but the output layer and those whose shape the 4-bit kernel
+    cannot take, which become BF16Linear (float32 rows would depend on the batch: MKL picks its
+    kernel by the row count). Returns how many are split."""
+    try:
+        torch._convert_weight_to_int4pack_for_cpu(torch.zeros(16, INT4_GROUP, dtype=torch.int32), 1)
+    except (RuntimeError, AttributeError) as error:
+        raise ValueError(f"int4 matrix products are not available here: {error}") from error
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError("int4 mode runs prompts on bfloat16 oneDNN products: not available here")
+    output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    split = 0
+
+    def convert(linear: nn.Linear) -> nn.Module:
+        nonlocal split
+        if linear is not output and Int4Linear.supports(linear):
+            split += 1
+            return SplitLinear.from_linear(linear)
+        return BF16Linear.from_linear(linear)
+
+    replaced = _replace_linears(model, convert)
+    logger.info(
+        "quantized %d linear layers to int4 for generated tokens and bfloat16 for prompts, "
+        "%d others to bfloat16",
+        split,
+        replaced - split,
+    )
+    return split
+
+
 def quantize(model: nn.Module, mode: str) -> nn.Module:
-    """Apply a resolved quantization mode ("none", "int8", "bf16") to `model` in place."""
+    """Apply a resolved quantization mode ("none", "int8", "bf16", "int4") to `model` in place."""
     if mode == "int8":
         quantize_int8(model)
     elif mode == "bf16":
         quantize_bf16(model)
+    elif mode == "int4":
+        quantize_int4(model)
     elif mode != "none":
         raise ValueError(f"unknown quantization mode {mode!r}")
     return model
@@ -200,3 +418,24 @@ def _replace_linears(model: nn.Module, convert: Callable[[nn.Linear], nn.Module]
                 setattr(parent, name, convert(child))
                 replaced += 1
     return replaced
+
+
+def cat_optional(
+    tensors: Sequence[torch.Tensor | None], sizes: Sequence[int]
+) -> torch.Tensor | None:
+    """Concatenated biases of fused layers: None if none has one, zeros for those without."""
+    if all(t is None for t in tensors):
+        return None
+    like = next(t for t in tensors if t is not None)
+    return torch.cat(
+        [t if t is not None else like.new_zeros(n) for t, n in zip(tensors, sizes, strict=True)]
+    )
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[rows, 2k] uint8 codes in 0..15 -> [rows, k] bytes, the even column in the low nibble."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)

@@ -27,7 +27,14 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from services.worker.engine.prefix_cache import BLOCK_SIZE, CachedBlock, PrefixCache
-from services.worker.engine.quantization import BF16Linear, Int8Linear
+from services.worker.engine.quantization import (
+    BF16Linear,
+    Int4Linear,
+    Int8Linear,
+    RowSplit,
+    SplitLinear,
+    cat_optional,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +80,9 @@ class ForwardItem:
     # Return the logits after EVERY token of the item (prompt logprobs); they include the last
     # token's, so such an item yields len(token_ids) rows whatever want_logits says.
     all_logits: bool = False
+    # Positions from here on hold generated tokens, the rest prompt tokens (None: all prompt).
+    # Under int4 quantization they take the 4-bit kernel, prompt positions the bf16 one.
+    prompt_length: int | None = None
 
     @property
     def logit_rows(self) -> int:
@@ -109,10 +119,13 @@ class ModelRunner(abc.ABC):
         """Whether `reuse_prefix` can find anything (runners without a prefix cache: never)."""
         return False
 
-    def reuse_prefix(self, key: Hashable, token_ids: Sequence[int]) -> int:
+    def reuse_prefix(
+        self, key: Hashable, token_ids: Sequence[int], prompt_length: int | None = None
+    ) -> int:
         """For a sequence without a cache row: load the keys and values of the longest cached
-        prefix of `token_ids` (all but its last token at most) into a new row for `key`; the
-        positions loaded, 0 when nothing is cached (no row is made then)."""
+        prefix of `token_ids` (all but its last token at most; under int4 quantization its
+        first `prompt_length` at most: cached blocks hold prompt positions) into a new row for
+        `key`; the positions loaded, 0 when nothing is cached (no row is made then)."""
         return 0
 
     def prefix_cache_tokens(self) -> int:
@@ -200,6 +213,9 @@ class PackedRunner(ModelRunner):
         # Per-head q/k norms (Qwen3) sit between the projection and the rotation; without them
         # q and k are rotated together, in one pass over both.
         self._qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
+        # int4 quantization: generated and prompt positions take different kernels (SplitLinear),
+        # so only blocks of prompt positions are the same as a later prompt would compute.
+        self._split = any(isinstance(m, SplitLinear) for m in model.modules())
 
     # -- cache ---------------------------------------------------------------------------
 
@@ -329,6 +345,7 @@ class PackedRunner(ModelRunner):
         position_t = torch.tensor(positions, dtype=torch.long, device=device)
         row_t = torch.tensor(rows, dtype=torch.long, device=device)
         groups = self._attention_groups(items)
+        split = self._row_split(items, positions) if self._split else None
 
         hidden = self.decoder.embed_tokens(token_t)  # [N, hidden]
         cos, sin = self.decoder.rotary_emb(hidden, position_t[None, :])
@@ -339,7 +356,7 @@ class PackedRunner(ModelRunner):
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
-            qkv = self._qkv[index](_rms_norm(layer.input_layernorm, hidden))
+            qkv = _linear(self._qkv[index], _rms_norm(layer.input_layernorm, hidden), split)
             v = qkv[:, self._q_size + self._kv_size :].unflatten(-1, (kv_heads, head_dim))
             if self._qk_norm:
                 q = attn.q_norm(qkv[:, : self._q_size].unflatten(-1, (heads, head_dim)))
@@ -373,12 +390,12 @@ class PackedRunner(ModelRunner):
                 out[group.start : group.end] = attended[0, :, : group.end - group.start].transpose(
                     0, 1
                 )
-            hidden = hidden + attn.o_proj(out.reshape(len(tokens), -1))
+            hidden = hidden + _linear(attn.o_proj, out.reshape(len(tokens), -1), split)
             mlp = layer.mlp
-            gate, up = self._gate_up[index](
-                _rms_norm(layer.post_attention_layernorm, hidden)
+            gate, up = _linear(
+                self._gate_up[index], _rms_norm(layer.post_attention_layernorm, hidden), split
             ).split(self._intermediate, dim=-1)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+            hidden = hidden + _linear(mlp.down_proj, mlp.act_fn(gate) * up, split)
 
         # Logits only where a token is sampled next (the last token of each wanting item) or
         # where an item asks for all of them.
@@ -399,6 +416,23 @@ class PackedRunner(ModelRunner):
             return hidden.new_empty(0, self.model.config.vocab_size)
         picked = hidden[torch.tensor(wanted, dtype=torch.long, device=device)]
         return self.model.lm_head(_rms_norm(self.decoder.norm, picked)).float()
+
+    def _row_split(self, items: Sequence[ForwardItem], positions: Sequence[int]) -> RowSplit:
+        """The packed rows holding generated tokens, and those holding prompt tokens."""
+        generated: list[int] = []
+        prompt: list[int] = []
+        row = 0
+        for item in items:
+            boundary = item.prompt_length
+            for position in range(item.start, item.start + len(item.token_ids)):
+                (generated if boundary is not None and position >= boundary else prompt).append(row)
+                row += 1
+        assert row == len(positions)
+        device = self.device
+        return RowSplit(
+            torch.tensor(generated, dtype=torch.long, device=device),
+            torch.tensor(prompt, dtype=torch.long, device=device),
+        )
 
     def _attention_groups(self, items: Sequence[ForwardItem]) -> list[_AttentionGroup]:
         """The attention calls of a step: each item's query rows cut at ATTENTION_BLOCK
@@ -442,12 +476,17 @@ class PackedRunner(ModelRunner):
 
     # -- prefix cache --------------------------------------------------------------------
 
-    def reuse_prefix(self, key: Hashable, token_ids: Sequence[int]) -> int:
+    def reuse_prefix(
+        self, key: Hashable, token_ids: Sequence[int], prompt_length: int | None = None
+    ) -> int:
         prefix = self._prefix
         if prefix is None or key in self._row_of:
             return 0
         size = prefix.block_size
-        chain = prefix.match(token_ids)
+        shareable = (
+            token_ids if not self._split or prompt_length is None else token_ids[:prompt_length]
+        )
+        chain = prefix.match(shareable)
         # At least the last token is computed: its logits are what the sequence samples from.
         # (A prompt cached whole takes all but the last position of its last block.)
         matched = min(len(chain) * size, len(token_ids) - 1)
@@ -470,20 +509,28 @@ class PackedRunner(ModelRunner):
         return matched
 
     def _record(self, items: Sequence[ForwardItem]) -> None:
-        """Note the tokens whose positions the items computed."""
+        """Note the tokens whose positions the items computed (under int4 quantization, only
+        prompt positions: generated ones took another kernel than a prompt would)."""
         assert self._prefix is not None
         size = self._prefix.block_size
         for item in items:
             key = item.key
             tokens = self._tokens.get(key, [])
-            if tokens is None or len(tokens) < item.start:
-                self._tokens[key] = None  # positions of unknown tokens: never shared
+            if tokens is None:
                 continue
             chain = self._chains.setdefault(key, [])
             if len(tokens) > item.start:  # positions written again
                 del tokens[item.start :]
                 del chain[item.start // size :]
-            tokens.extend(item.token_ids)
+            shared = item.token_ids
+            if self._split and item.prompt_length is not None:
+                shared = shared[: max(0, item.prompt_length - item.start)]
+                if not shared:
+                    continue
+            if len(tokens) < item.start:
+                self._tokens[key] = None  # positions of unknown tokens: never shared
+                continue
+            tokens.extend(shared)
             self._tokens[key] = tokens
 
     def _insert_blocks(self, keys: Sequence[Hashable]) -> None:
@@ -621,17 +668,21 @@ def create_runner(
 
 
 def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
-    """One linear layer computing the concatenated outputs of `linears` (all nn.Linear or all
-    Int8Linear, or all BF16Linear; same input); each original is rebound to a view of the fused
-    weights (a BF16Linear to its columns of the fused product)."""
+    """One linear layer computing the concatenated outputs of `linears` (all of one type:
+    nn.Linear, Int8Linear, BF16Linear or Int4Linear; same input); each original is rebound to a
+    view of the fused weights (a packed layer to its columns of the fused product)."""
     if all(isinstance(m, BF16Linear) for m in linears):
         return BF16Linear.fuse([m for m in linears if isinstance(m, BF16Linear)])
+    if all(isinstance(m, Int4Linear) for m in linears):
+        return Int4Linear.fuse([m for m in linears if isinstance(m, Int4Linear)])
+    if all(isinstance(m, SplitLinear) for m in linears):
+        return SplitLinear.fuse([m for m in linears if isinstance(m, SplitLinear)])
     if all(isinstance(m, Int8Linear) for m in linears):
         int8 = [m for m in linears if isinstance(m, Int8Linear)]
         fused_int8 = Int8Linear(
             torch.cat([m.weight_int8 for m in int8]),
             torch.cat([m.weight_scale for m in int8]),
-            _cat_biases([m.bias for m in int8], [m.out_features for m in int8]),
+            cat_optional([m.bias for m in int8], [m.out_features for m in int8]),
         )
         offset = 0
         for m in int8:
@@ -646,7 +697,7 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
     if len(dense) != len(linears):
         raise ValueError("cannot fuse a mix of linear layer types")
     weight = torch.cat([m.weight.detach() for m in dense])
-    bias = _cat_biases(
+    bias = cat_optional(
         [None if m.bias is None else m.bias.detach() for m in dense],
         [m.out_features for m in dense],
     )
@@ -665,13 +716,9 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
     return fused
 
 
-def _cat_biases(biases: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor | None:
-    if all(b is None for b in biases):
-        return None
-    like = next(b for b in biases if b is not None)
-    return torch.cat(
-        [b if b is not None else like.new_zeros(n) for b, n in zip(biases, sizes, strict=True)]
-    )
+def _linear(layer: nn.Module, x: torch.Tensor, split: RowSplit | None) -> torch.Tensor:
+    """layer(x), each row through the kernel its position's token calls for (SplitLinear)."""
+    return layer(x, split) if isinstance(layer, SplitLinear) else layer(x)
 
 
 def _flip_halves(x: torch.Tensor) -> torch.Tensor:

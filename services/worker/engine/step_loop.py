@@ -126,14 +126,22 @@ class StepLoop:
         items: list[ForwardItem] = []
         for seq in decoding:
             tokens = seq.pending_tokens(1)
-            items.append(ForwardItem(seq, tokens, seq.computed, True, seq.scoring_prompt))
+            items.append(
+                ForwardItem(
+                    seq, tokens, seq.computed, True, seq.scoring_prompt, len(seq.prompt_ids)
+                )
+            )
         budget -= len(decoding)
         for seq in joining:
             if budget <= 0:
                 break
             tokens = seq.pending_tokens(budget)
             done = seq.computed + len(tokens) == seq.length
-            items.append(ForwardItem(seq, tokens, seq.computed, done, seq.scoring_prompt))
+            items.append(
+                ForwardItem(
+                    seq, tokens, seq.computed, done, seq.scoring_prompt, len(seq.prompt_ids)
+                )
+            )
             budget -= len(tokens)
         logits = runner.forward(items)
         batch: list[SequenceState] = []
@@ -191,7 +199,7 @@ class StepLoop:
                 continue
             seq.prefix_checked = True
             tokens = seq.prompt_ids + seq.output_ids
-            seq.computed = runner.reuse_prefix(seq, tokens)
+            seq.computed = runner.reuse_prefix(seq, tokens, len(seq.prompt_ids))
             counters.prefix_queried_tokens += len(tokens)
             counters.prefix_hit_tokens += seq.computed
             if not seq.output_ids:
