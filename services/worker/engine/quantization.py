@@ -35,6 +35,10 @@ from transformers import PreTrainedModel
 logger = logging.getLogger(__name__)
 
 _QMAX = 127.0
+# Rows per oneDNN bf16 product. With one thread, each row of a product of up to ~129 rows equals
+# the same row alone, bit for bit; from 130 rows on, the 1536-input down projection of the
+# default model takes another kernel whose rows differ in the last bits (tested).
+BF16_MAX_ROWS = 64
 # Input features per 4-bit group: a GGUF Q4_0 / Q4_1 block, a Q4_K sub-block.
 INT4_GROUP = 32
 # CPU features that multiply int8 in hardware (dot-product instructions), which torch._int_mm
@@ -206,8 +210,19 @@ class BF16Linear(_PackedLinear):
         self.weight_packed = self.bias_bf16 = None
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
+        if len(x) <= BF16_MAX_ROWS:
+            return self._call(x)
+        # oneDNN picks another kernel (another order of the sums) for many rows: one product
+        # per BF16_MAX_ROWS rows keeps every row's result what it is alone.
+        out = x.new_empty(len(x), self.out_features)
+        for start in range(0, len(x), BF16_MAX_ROWS):
+            out[start : start + BF16_MAX_ROWS] = self._call(x[start : start + BF16_MAX_ROWS])
+        return out
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(
-            x.to(torch.bfloat16), self.weight_packed, self.bias_bf16, "none", [], ""
+            x, self.weight_packed, self.bias_bf16, "none", [], ""
         )
 
     def extra_repr(self) -> str:
