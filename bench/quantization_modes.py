@@ -1,6 +1,6 @@
 """End-to-end check of the worker's --quantization modes on the default chat model, in-process.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/quantization_modes.py [--modes none int8 bf16]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/quantization_modes.py [--modes none int8 bf16 int4]
 
 One engine per mode, each with one torch thread (as one engine replica of the worker), loaded
 through the worker's own loading path. Rounds alternate between the engines so machine noise hits
@@ -56,7 +56,7 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", nargs="+", default=["none", "int8", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["none", "int8", "bf16", "int4"])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
