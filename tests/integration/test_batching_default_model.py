@@ -87,16 +87,17 @@ async def test_mixed_batch_equals_generate_alone(
     assert results == expected
 
 
+@pytest.mark.parametrize("quantization", ["auto", "int4"])
 async def test_the_served_default_mode_is_batch_invariant_and_cache_exact(
-    chat_model: tuple[PreTrainedModel, list[list[int]]],
+    chat_model: tuple[PreTrainedModel, list[list[int]]], quantization: str
 ) -> None:
-    """The worker's default, `--quantization auto` (bf16 on an AMX CPU, else int8 or none), is
-    approximate against float32 generate, but a request's greedy answer is the same in a mixed
-    batch as alone, and the same when its prompt is served from the prefix cache."""
+    """The worker's default, `--quantization auto` (bf16 on an AMX CPU, else int8 or none), and
+    int4 are approximate against float32 generate, but a request's greedy answer is the same in a
+    mixed batch as alone, and the same when its prompt is served from the prefix cache."""
     _, prompts = chat_model
     engine = create_engine(
         default_model_specs()[0],
-        EngineOptions(max_running=4, max_batch_tokens=48, quantization="auto"),
+        EngineOptions(max_running=4, max_batch_tokens=48, quantization=quantization),
     )
     await engine.start()
 
