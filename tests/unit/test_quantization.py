@@ -64,32 +64,43 @@ def test_bf16_linear_matches_float32_within_bfloat16_rounding(bias: bool) -> Non
     assert float((got - expected).abs().max()) <= 0.02 * float(expected.abs().max())
 
 
-@pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (64, 1000)])
-def test_bf16_rows_do_not_depend_on_the_batch(shape: tuple[int, int]) -> None:
-    """Up to a prefill step of 300 rows: oneDNN computes the rows of a 1536-input product
+PACKED = [BF16Linear, Int4Linear]
+
+
+@pytest.mark.parametrize("kind", PACKED)
+@pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (64, 1024)])
+def test_packed_rows_do_not_depend_on_the_batch(
+    kind: type[BF16Linear | Int4Linear], shape: tuple[int, int]
+) -> None:
+    """Up to a prefill step of 300 rows: oneDNN computes the rows of a 1536-input bf16 product
     otherwise from 130 rows on, which BF16_MAX_ROWS keeps out of reach."""
-    layer = BF16Linear.from_linear(linear(*shape))
+    layer = kind.from_linear(linear(*shape))
     x = torch.randn(300, shape[0])
     with torch.inference_mode():
         alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
-        for rows in (2, 3, 8, 16, 17, 32, 33, 64, 65, 129, 130, 160, 208, 300):
+        for rows in (2, 3, 4, 5, 8, 16, 17, 32, 33, 64, 65, 129, 130, 160, 208, 300):
             assert torch.equal(layer(x[:rows]), alone[:rows]), rows
         # A 3-d input [batch, tokens, features] as transformers passes it.
         assert torch.equal(layer(x[:32].reshape(4, 8, -1)).reshape(32, -1), alone[:32])
 
 
-def test_fused_bf16_layers_answer_with_their_columns() -> None:
-    parts = [linear(64, n, bias=True, seed=n) for n in (64, 16, 16)]
-    layers = [BF16Linear.from_linear(p) for p in parts]
+@pytest.mark.parametrize("kind", PACKED)
+def test_fused_packed_layers_answer_with_their_columns(
+    kind: type[BF16Linear | Int4Linear],
+) -> None:
+    parts = [linear(64, n, bias=True, seed=n) for n in (64, 32, 32)]
+    layers = [kind.from_linear(p) for p in parts]
     x = torch.randn(7, 64)
     with torch.inference_mode():
         before = [layer(x) for layer in layers]
         fused = fuse_linears(layers)
-        assert isinstance(fused, BF16Linear) and fused.out_features == 96
+        assert isinstance(fused, kind) and fused.out_features == 128
         assert torch.equal(fused(x), torch.cat(before, dim=1))
         for layer, expected in zip(layers, before, strict=True):
             assert layer.weight_packed is None  # no second copy of the weights
             assert torch.equal(layer(x), expected)
+        # A second runner on the same model fuses the same layers again.
+        assert torch.equal(fuse_linears(layers)(x), fused(x))
 
 
 def grid_linear(
@@ -125,32 +136,6 @@ def test_int4_layers_keep_a_4_bit_grid_as_it_is() -> None:
         got = layer(x)
     assert got.dtype == torch.float32
     assert float((got - expected).abs().max()) <= 0.02 * float(expected.abs().max())
-
-
-@pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (64, 1024)])
-def test_int4_rows_do_not_depend_on_the_batch(shape: tuple[int, int]) -> None:
-    layer = Int4Linear.from_linear(linear(*shape))
-    x = torch.randn(300, shape[0])
-    with torch.inference_mode():
-        alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
-        for rows in (2, 3, 4, 5, 8, 16, 17, 32, 33, 130, 208, 300):
-            assert torch.equal(layer(x[:rows]), alone[:rows]), rows
-
-
-def test_fused_int4_layers_answer_with_their_columns() -> None:
-    parts = [linear(64, n, bias=True, seed=n) for n in (64, 32, 32)]
-    layers = [Int4Linear.from_linear(p) for p in parts]
-    x = torch.randn(7, 64)
-    with torch.inference_mode():
-        before = [layer(x) for layer in layers]
-        fused = fuse_linears(layers)
-        assert isinstance(fused, Int4Linear) and fused.out_features == 128
-        assert torch.equal(fused(x), torch.cat(before, dim=1))
-        for layer, expected in zip(layers, before, strict=True):
-            assert layer.weight_packed is None and not layer.codes.numel()
-            assert torch.equal(layer(x), expected)
-        # A second runner on the same model fuses the same layers again.
-        assert torch.equal(fuse_linears(layers)(x), fused(x))
 
 
 def test_split_layers_take_the_kernel_of_each_row() -> None:

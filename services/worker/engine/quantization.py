@@ -193,9 +193,18 @@ class BF16Linear(_PackedLinear):
         assert self.weight_packed is not None
         return self.weight_packed.to_dense()
 
+    def bias(self) -> torch.Tensor | None:
+        """The bfloat16 bias, if any (a slice of the fused layer's once fused)."""
+        if self._source is not None:
+            assert isinstance(self._source, BF16Linear)
+            bias = self._source.bias()
+            start, end = self._columns
+            return None if bias is None else bias[start:end]
+        return self.bias_bf16
+
     @classmethod
     def _concatenate(cls, layers: Sequence[BF16Linear]) -> BF16Linear:
-        biases = [layer.bias_bf16 for layer in layers]
+        biases = [layer.bias() for layer in layers]
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat(
