@@ -25,6 +25,7 @@ from services.worker.engine.quantization import (
     INT4_GROUP,
     BF16Linear,
     Int4Linear,
+    Int8WeightLinear,
     RowSplit,
     SplitLinear,
     quantize,
@@ -67,10 +68,10 @@ def test_bf16_linear_matches_float32_within_bfloat16_rounding(bias: bool) -> Non
 PACKED = [BF16Linear, Int4Linear]
 
 
-@pytest.mark.parametrize("kind", PACKED)
+@pytest.mark.parametrize("kind", [*PACKED, Int8WeightLinear])
 @pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (64, 1024)])
 def test_packed_rows_do_not_depend_on_the_batch(
-    kind: type[BF16Linear | Int4Linear], shape: tuple[int, int]
+    kind: type[BF16Linear | Int4Linear | Int8WeightLinear], shape: tuple[int, int]
 ) -> None:
     """Up to a prefill step of 300 rows: oneDNN computes the rows of a 1536-input bf16 product
     otherwise from 130 rows on, which BF16_MAX_ROWS keeps out of reach."""
@@ -138,6 +139,28 @@ def test_int4_layers_keep_a_4_bit_grid_as_it_is() -> None:
     assert float((got - expected).abs().max()) <= 0.02 * float(expected.abs().max())
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_weights_keep_every_row_on_its_own_scale(bias: bool) -> None:
+    dense = linear(576, 4096, bias)
+    with torch.no_grad():
+        dense.weight[7] *= 1000  # one row far larger than the rest
+    layer = Int8WeightLinear.from_linear(dense)
+    weight = dense.weight.detach()
+    assert layer.weight_int8.dtype == torch.int8 and layer.scale.dtype == torch.bfloat16
+    # The bfloat16 scale is rounded up: no row clips, and each row's largest weight takes the
+    # full range or one step short of it.
+    dequantized = layer.weight_int8.float() * layer.scale.float()[:, None]
+    error = (dequantized - weight).abs().amax(dim=1)
+    assert bool((error <= 0.5 * layer.scale.float() * (1 + 2**-7)).all())
+    assert int(layer.weight_int8.abs().amax(dim=1).min()) >= 126
+    x = torch.randn(5, 576)
+    with torch.inference_mode():
+        expected = dense(x)
+        got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert float((got - expected).abs().max()) <= 0.02 * float(expected.abs().max())
+
+
 def test_split_layers_take_the_kernel_of_each_row() -> None:
     parts = [linear(64, n, seed=n) for n in (64, 32)]
     layers = [SplitLinear.from_linear(p) for p in parts]
@@ -160,11 +183,13 @@ def test_split_layers_take_the_kernel_of_each_row() -> None:
         assert torch.equal(layers[1](x, RowSplit(generated, prompt)), mixed[:, 64:])
 
 
-def test_int4_keeps_the_output_layer_and_odd_shapes_in_bf16(llama_dir: Path) -> None:
+def test_int4_keeps_the_output_layer_at_8_bits_and_odd_shapes_in_bf16(llama_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     model.model.layers[0].mlp.down_proj = linear(128, 40)  # 40 outputs: not a multiple of 16
     quantize(model, "int4")
-    assert isinstance(model.lm_head, BF16Linear)
+    assert isinstance(model.lm_head, SplitLinear)
+    assert isinstance(model.lm_head.generated, Int8WeightLinear)
+    assert isinstance(model.lm_head.prompt, BF16Linear)
     assert isinstance(model.model.layers[0].mlp.down_proj, BF16Linear)
     assert isinstance(model.model.layers[0].self_attn.q_proj, SplitLinear)
     assert isinstance(model.model.layers[1].mlp.down_proj, SplitLinear)

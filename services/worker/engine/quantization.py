@@ -15,8 +15,9 @@ Three modes, all approximate (greedy output differs from float32 `generate` afte
 - int4: generated tokens go through 4-bit weights in groups of 32 with a bfloat16 scale and zero
   each (Int4Linear: a GGUF file's own Q4 grid, an eighth of the float32 bytes, bfloat16
   activations, float32 accumulation), prompt tokens through the bf16 layers (SplitLinear says
-  why). The output layer stays bf16 (a GGUF keeps it at 8 bits or more). Rows are independent,
-  and which kernel a row takes depends on its position's token only.
+  why). The output layer takes 8-bit weights for generated tokens (Int8WeightLinear; a GGUF
+  keeps it at 8 bits or more) and bf16 for prompts. Rows are independent, and which kernel a row
+  takes depends on its position's token only.
 
 Everything outside the linear layers (norms, attention, rotary positions) stays float32.
 """
@@ -333,6 +334,46 @@ class Int4Linear(_PackedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4"
 
 
+class Int8WeightLinear(_PackedLinear):
+    """8-bit weights with one bfloat16 scale per output feature, bfloat16 activations
+    (torch._weight_int8pack_mm): the int4 mode's output layer for generated tokens, which a GGUF
+    keeps at 8 bits (Q8_0). Each output row comes from its input row alone, in the same order
+    for any number of rows (tested). It reads half the bf16 bytes: the default model's 49,152 x
+    576 output layer takes 3.4 ms a decoding step against 4.4 ms in bf16 (one thread)."""
+
+    weight_int8: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight_int8.shape[1], weight_int8.shape[0])
+        self.register_buffer("weight_int8", weight_int8)  # [out, in]
+        self.register_buffer("scale", scale)  # [out] bfloat16
+        self.register_buffer("bias", bias)  # float32 or None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightLinear:
+        """Symmetric per-row scales, rounded up to bfloat16 before the codes are taken against
+        them: the kernel multiplies by the rounded scale, so no row is scaled off and none clips."""
+        weight = linear.weight.detach().float()
+        wanted = (weight.abs().amax(dim=1) / _QMAX).clamp(min=torch.finfo(torch.bfloat16).tiny)
+        scale = wanted.to(torch.bfloat16)
+        up = torch.nextafter(scale, torch.full_like(scale, torch.inf))
+        scale = torch.where(scale.float() < wanted, up, scale)
+        codes = torch.round(weight / scale.float()[:, None]).clamp(-_QMAX, _QMAX).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        return cls(codes, scale, bias)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int8pack_mm(
+            x.to(torch.bfloat16).contiguous(), self.weight_int8, self.scale
+        ).float()
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
 @dataclass(frozen=True)
 class RowSplit:
     """Which rows of a step's packed tokens hold generated tokens (the rest are prompt tokens)."""
@@ -351,7 +392,7 @@ class SplitLinear(nn.Module):
     share only blocks of prompt positions (engine/runner.py). Without a RowSplit (transformers'
     own forward) every row is a prompt row."""
 
-    def __init__(self, generated: Int4Linear, prompt: BF16Linear) -> None:
+    def __init__(self, generated: Int4Linear | Int8WeightLinear, prompt: BF16Linear) -> None:
         super().__init__()
         self.generated, self.prompt = generated, prompt
         self.in_features, self.out_features = prompt.in_features, prompt.out_features
@@ -362,8 +403,11 @@ class SplitLinear(nn.Module):
 
     @classmethod
     def fuse(cls, layers: Sequence[SplitLinear]) -> SplitLinear:
+        generated = [layer.generated for layer in layers if isinstance(layer.generated, Int4Linear)]
+        if len(generated) != len(layers):
+            raise ValueError("only int4 split layers fuse")
         return cls(
-            Int4Linear.fuse([layer.generated for layer in layers]),
+            Int4Linear.fuse(generated),
             BF16Linear.fuse([layer.prompt for layer in layers]),
         )
 
@@ -392,9 +436,10 @@ def quantize_bf16(model: nn.Module) -> int:
 
 def quantize_int4(model: nn.Module) -> int:
     """Replace the nn.Linear layers of `model` in place by SplitLinear (4-bit for generated
-    tokens, bf16 for prompts), all but the output layer and those whose shape the 4-bit kernel
-    cannot take, which become BF16Linear (float32 rows would depend on the batch: MKL picks its
-    kernel by the row count). Returns how many are split."""
+    tokens, bf16 for prompts), all but the output layer (8-bit for generated tokens, bf16 for
+    prompts) and those whose shape the 4-bit kernel cannot take, which become BF16Linear (float32
+    rows would depend on the batch: MKL picks its kernel by the row count). Returns how many
+    layers are split to 4 bits."""
     try:
         torch._convert_weight_to_int4pack_for_cpu(torch.zeros(16, INT4_GROUP, dtype=torch.int32), 1)
     except (RuntimeError, AttributeError) as error:
@@ -406,7 +451,9 @@ def quantize_int4(model: nn.Module) -> int:
 
     def convert(linear: nn.Linear) -> nn.Module:
         nonlocal split
-        if linear is not output and Int4Linear.supports(linear):
+        if linear is output:
+            return SplitLinear(Int8WeightLinear.from_linear(linear), BF16Linear.from_linear(linear))
+        if Int4Linear.supports(linear):
             split += 1
             return SplitLinear.from_linear(linear)
         return BF16Linear.from_linear(linear)
@@ -414,9 +461,9 @@ def quantize_int4(model: nn.Module) -> int:
     replaced = _replace_linears(model, convert)
     logger.info(
         "quantized %d linear layers to int4 for generated tokens and bfloat16 for prompts, "
-        "%d others to bfloat16",
+        "the output layer to int8 and bfloat16, %d others to bfloat16",
         split,
-        replaced - split,
+        replaced - split - (output is not None),
     )
     return split
 

@@ -345,7 +345,8 @@ class PackedRunner(ModelRunner):
         position_t = torch.tensor(positions, dtype=torch.long, device=device)
         row_t = torch.tensor(rows, dtype=torch.long, device=device)
         groups = self._attention_groups(items)
-        split = self._row_split(items, positions) if self._split else None
+        generated = self._generated_rows(items) if self._split else None
+        split = None if generated is None else self._row_split(generated)
 
         hidden = self.decoder.embed_tokens(token_t)  # [N, hidden]
         cos, sin = self.decoder.rotary_emb(hidden, position_t[None, :])
@@ -415,23 +416,37 @@ class PackedRunner(ModelRunner):
         if not wanted:
             return hidden.new_empty(0, self.model.config.vocab_size)
         picked = hidden[torch.tensor(wanted, dtype=torch.long, device=device)]
-        return self.model.lm_head(_rms_norm(self.decoder.norm, picked)).float()
+        picked_split = (
+            None if generated is None else self._row_split([generated[i] for i in wanted])
+        )
+        return _linear(
+            self.model.lm_head, _rms_norm(self.decoder.norm, picked), picked_split
+        ).float()
 
-    def _row_split(self, items: Sequence[ForwardItem], positions: Sequence[int]) -> RowSplit:
-        """The packed rows holding generated tokens, and those holding prompt tokens."""
-        generated: list[int] = []
-        prompt: list[int] = []
-        row = 0
+    @staticmethod
+    def _generated_rows(items: Sequence[ForwardItem]) -> list[bool]:
+        """Per packed row: whether its position holds a generated token (else a prompt token)."""
+        flags: list[bool] = []
         for item in items:
             boundary = item.prompt_length
-            for position in range(item.start, item.start + len(item.token_ids)):
-                (generated if boundary is not None and position >= boundary else prompt).append(row)
-                row += 1
-        assert row == len(positions)
+            end = item.start + len(item.token_ids)
+            if boundary is None or boundary >= end:
+                flags.extend([False] * len(item.token_ids))
+            else:
+                first = max(boundary, item.start)
+                flags.extend([False] * (first - item.start) + [True] * (end - first))
+        return flags
+
+    def _row_split(self, generated: Sequence[bool]) -> RowSplit:
+        """The packed rows holding generated tokens, and those holding prompt tokens."""
         device = self.device
         return RowSplit(
-            torch.tensor(generated, dtype=torch.long, device=device),
-            torch.tensor(prompt, dtype=torch.long, device=device),
+            torch.tensor(
+                [i for i, g in enumerate(generated) if g], dtype=torch.long, device=device
+            ),
+            torch.tensor(
+                [i for i, g in enumerate(generated) if not g], dtype=torch.long, device=device
+            ),
         )
 
     def _attention_groups(self, items: Sequence[ForwardItem]) -> list[_AttentionGroup]:
