@@ -447,23 +447,24 @@ def quantize_int4(model: nn.Module) -> int:
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("int4 mode runs prompts on bfloat16 oneDNN products: not available here")
     output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    split = 0
+    split = bf16_only = 0
 
     def convert(linear: nn.Linear) -> nn.Module:
-        nonlocal split
+        nonlocal split, bf16_only
         if linear is output:
             return SplitLinear(Int8WeightLinear.from_linear(linear), BF16Linear.from_linear(linear))
         if Int4Linear.supports(linear):
             split += 1
             return SplitLinear.from_linear(linear)
+        bf16_only += 1
         return BF16Linear.from_linear(linear)
 
-    replaced = _replace_linears(model, convert)
+    _replace_linears(model, convert)
     logger.info(
         "quantized %d linear layers to int4 for generated tokens and bfloat16 for prompts, "
         "the output layer to int8 and bfloat16, %d others to bfloat16",
         split,
-        replaced - split - (output is not None),
+        bf16_only,
     )
     return split
 
