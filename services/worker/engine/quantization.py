@@ -40,6 +40,10 @@ _QMAX = 127.0
 # the same row alone, bit for bit; from 130 rows on, the 1536-input down projection of the
 # default model takes another kernel whose rows differ in the last bits (tested).
 BF16_MAX_ROWS = 64
+# oneDNN also computes products of fewer than this many rows otherwise on CPUs with avx512_bf16
+# but no AMX (an AMD EPYC, 2026-12-05: one row of four in a hundred differed in the last bit
+# from the same row alone, for the 1536-input shape): such products are padded to it.
+BF16_MIN_ROWS = 4
 # Input features per 4-bit group: a GGUF Q4_0 / Q4_1 block, a Q4_K sub-block.
 INT4_GROUP = 32
 # CPU features that multiply int8 in hardware (dot-product instructions), which torch._int_mm
@@ -231,9 +235,13 @@ class BF16Linear(_PackedLinear):
         return out
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(
+        rows = len(x)
+        if rows < BF16_MIN_ROWS:
+            x = torch.cat((x, x.new_zeros(BF16_MIN_ROWS - rows, x.shape[1])))
+        out = torch.ops.mkldnn._linear_pointwise(
             x, self.weight_packed, self.bias_bf16, "none", [], ""
         )
+        return out[:rows]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
