@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterator
 
@@ -35,6 +36,10 @@ SHAPE = {
     "vocab_size": VOCAB,
     "max_position_embeddings": 1024,
 }
+
+
+# The packed runner's portable attention path (per-block SDPA, as on GPUs), beside the CPU kernel.
+SDPA_RUNNER = functools.partial(PackedRunner, attention_kernel=False)
 
 
 @pytest.fixture(autouse=True)
@@ -117,6 +122,7 @@ def run_greedy(
         pytest.param(PackedRunner, 1000, None, id="packed"),
         pytest.param(PackedRunner, 5, None, id="packed-chunked"),
         pytest.param(PackedRunner, 7, 6, id="packed-preempted"),
+        pytest.param(SDPA_RUNNER, 5, 6, id="packed-sdpa-chunked-preempted"),
         pytest.param(HFRunner, 5, 6, id="per-sequence"),
     ],
 )
@@ -159,7 +165,11 @@ def test_packed_cache_grows_shrinks_and_keeps_rows_dense() -> None:
 def test_runner_choice() -> None:
     llama = tiny("llama")
     assert packed_unsupported_reason(llama) is None
-    assert isinstance(create_runner(llama, 4, 4096), PackedRunner)
+    packed = create_runner(llama, 4, 4096)
+    assert isinstance(packed, PackedRunner) and packed.attention_backend == "kernel"
+    assert SDPA_RUNNER(llama, 4, 4096).attention_backend == "sdpa"
+    odd = LlamaForCausalLM(LlamaConfig(**{**SHAPE, "num_attention_heads": 8})).eval()
+    assert PackedRunner(odd, 4, 4096).attention_backend == "sdpa"  # head_dim 8: not 16 lanes
     windowed = LlamaForCausalLM(LlamaConfig(**SHAPE))
     windowed.config.model_type = "gpt2"  # any architecture without a packed path
     assert isinstance(create_runner(windowed, 4, 4096), HFRunner)
@@ -191,11 +201,15 @@ def test_all_logits_items_return_every_position(kind: str) -> None:
 @pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
 )
-def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode() -> None:
+@pytest.mark.parametrize("attention_kernel", [True, False], ids=["kernel", "sdpa"])
+def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode(
+    attention_kernel: bool,
+) -> None:
     """With bf16 layers (the served default on AMX CPUs), the logits after a prompt are equal bit
     for bit whether it is prefilled whole, in chunks of any size (1 and 2 included), or decoded
     token by token, alone or beside other sequences: oneDNN's bf16 products compute each row
-    alike for any number of rows, and attention runs per block (runner._attention_groups).
+    alike for any number of rows, and attention computes each row alike (attention_kernel.c)
+    or runs per block (runner._attention_groups).
     (float32 products are not row-invariant in MKL, which picks its kernel by the row count; the
     float32 path is checked against generate's greedy tokens instead.)"""
     from services.worker.engine.quantization import quantize
@@ -206,7 +220,9 @@ def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode
     other = [rng.randrange(3, VOCAB) for _ in range(23)]
 
     def last_logits(chunks: list[int], *, neighbour: bool) -> torch.Tensor:
-        runner = PackedRunner(model, max_rows=4, max_cache_tokens=4096)
+        runner = PackedRunner(
+            model, max_rows=4, max_cache_tokens=4096, attention_kernel=attention_kernel
+        )
         start = 0
         logits = torch.empty(0)
         for size in chunks:

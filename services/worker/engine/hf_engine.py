@@ -63,6 +63,7 @@ from services.worker.engine.runner import (
     CAPACITY_QUANTUM,
     HFRunner,
     ModelRunner,
+    PackedRunner,
     create_runner,
 )
 from services.worker.engine.sampling import SamplingState
@@ -419,6 +420,10 @@ class HFEngine(Engine):
                 if options.packed
                 else HFRunner(loaded.model, options.max_running, options.kv_cache_tokens)
             )
+            if isinstance(self._runner, PackedRunner):
+                logger.info(
+                    "%s: attention by %s", self._plan.names[0], self._runner.attention_backend
+                )
             if options.prefix_caching and not self._runner.prefix_caching:
                 logger.info(
                     "%s: prefix caching is off: the per-sequence runner has no prefix cache",

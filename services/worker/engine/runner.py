@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from services.worker.engine.attention import CpuAttention, load_cpu_attention, scores_needed
 from services.worker.engine.prefix_cache import BLOCK_SIZE, CachedBlock, PrefixCache
 from services.worker.engine.quantization import (
     BF16Linear,
@@ -166,6 +167,7 @@ class PackedRunner(ModelRunner):
         max_cache_tokens: int,
         *,
         prefix_caching: bool = False,
+        attention_kernel: bool = True,
     ) -> None:
         reason = packed_unsupported_reason(model)
         if reason is not None:
@@ -216,6 +218,16 @@ class PackedRunner(ModelRunner):
         # int4 quantization: generated and prompt positions take different kernels (SplitLinear),
         # so only blocks of prompt positions are the same as a later prompt would compute.
         self._split = any(isinstance(m, SplitLinear) for m in model.modules())
+        # On the CPU, attention is one batch-invariant kernel call per layer (attention.py);
+        # elsewhere, or where it cannot be built, SDPA per block (_attention_groups).
+        self._attention: CpuAttention | None = None
+        if (
+            attention_kernel
+            and self.device.type == "cpu"
+            and CpuAttention.supports(self.dtype, self.num_heads, self.num_kv_heads, self.head_dim)
+        ):
+            self._attention = load_cpu_attention()
+        self._scores = torch.empty(0)
 
     # -- cache ---------------------------------------------------------------------------
 
@@ -234,6 +246,11 @@ class PackedRunner(ModelRunner):
 
     def prefix_cache_tokens(self) -> int:
         return 0 if self._prefix is None else self._prefix.tokens
+
+    @property
+    def attention_backend(self) -> str:
+        """Which attention the runner computes: "kernel" (attention.py) or "sdpa" (per block)."""
+        return "kernel" if self._attention is not None else "sdpa"
 
     def allocated_tokens(self) -> int:
         """Positions the rows' tensors hold (used or not): with the prefix cache's, never more
@@ -344,7 +361,12 @@ class PackedRunner(ModelRunner):
         token_t = torch.tensor(tokens, dtype=torch.long, device=device)
         position_t = torch.tensor(positions, dtype=torch.long, device=device)
         row_t = torch.tensor(rows, dtype=torch.long, device=device)
-        groups = self._attention_groups(items)
+        kernel = self._attention
+        groups = [] if kernel is not None else self._attention_groups(items)
+        if kernel is not None:
+            needed = scores_needed(self.num_heads, self.num_kv_heads, max(positions))
+            if self._scores.numel() < needed:
+                self._scores = torch.empty(_round_up(needed), dtype=torch.float32)
         generated = self._generated_rows(items) if self._split else None
         split = None if generated is None else self._row_split(generated)
 
@@ -377,7 +399,10 @@ class PackedRunner(ModelRunner):
             cache_k, cache_v = self._k[index], self._v[index]
             cache_k[row_t, :, position_t] = k
             cache_v[row_t, :, position_t] = v
-            out = torch.empty_like(q)
+            if kernel is not None:
+                out = kernel(q, cache_k, cache_v, row_t, position_t, self.scaling, self._scores)
+            else:
+                out = torch.empty_like(q)
             for group in groups:
                 query = q[group.start : group.end] if group.take is None else q[group.take]
                 attended = F.scaled_dot_product_attention(

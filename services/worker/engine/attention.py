@@ -1,0 +1,143 @@
+"""Batch-invariant causal attention on the CPU, in one call per layer (`CpuAttention`).
+
+torch's SDPA chooses its kernel and blocking by shape, so a position's attention would differ in
+the last bits between a decode step, a prefill chunk and a batch of other sizes; the runner then
+has to call it per block of positions, hundreds of small calls a step. attention_kernel.c
+computes every query row by the same arithmetic whatever the call holds (its header says how),
+in one call over all packed rows. No maintained library offers that for the CPU, hence the C.
+
+The kernel is compiled with the system's C compiler on first use (about a second) into a cache
+keyed by its source, its flags and this CPU, and loaded with ctypes. Where no compiler works the
+runner keeps the per-block SDPA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("attention_kernel.c")
+_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+_NATIVE = "-march=native"
+# What the kernel takes (attention_kernel.c): head_dim a multiple of LANES, fixed buffers.
+LANES, MAX_HEAD_DIM, MAX_GROUP = 16, 256, 16
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class CpuAttention:
+    """attention_kernel.c's entry point over torch tensors."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        function = library.chatfleet_attention
+        pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+        function.argtypes = [
+            pointer, int64, pointer, pointer, pointer, int64, pointer, pointer,
+            int64, int64, int64, int64, int64, ctypes.c_float, ctypes.c_int, pointer,
+        ]  # fmt: skip
+        function.restype = ctypes.c_int
+        self._function = function
+
+    @staticmethod
+    def supports(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+        return (
+            dtype in _DTYPES
+            and heads % kv_heads == 0
+            and heads // kv_heads <= MAX_GROUP
+            and head_dim <= MAX_HEAD_DIM
+            and head_dim % LANES == 0
+        )
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        scale: float,
+        scores: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention of the query rows q [N, heads, head_dim], token i at positions[i] of cache
+        row rows[i], over keys [0, positions[i]] of caches [rows, kv_heads, capacity, head_dim].
+        `scores` is float32 scratch of at least `scores_needed` floats."""
+        n, heads, head_dim = q.shape
+        _, kv_heads, capacity, _ = cache_k.shape
+        if q.stride(2) != 1 or q.stride(1) != head_dim:
+            q = q.contiguous()
+        for tensor in (cache_k, cache_v, rows, positions, scores):
+            assert tensor.is_contiguous() and tensor.device.type == "cpu"
+        assert rows.dtype == positions.dtype == torch.int64 and len(rows) == len(positions) == n
+        out = torch.empty((n, heads, head_dim), dtype=q.dtype)
+        status = self._function(
+            q.data_ptr(), q.stride(0), cache_k.data_ptr(), cache_v.data_ptr(), out.data_ptr(),
+            out.stride(0), rows.data_ptr(), positions.data_ptr(), n, heads, kv_heads, head_dim,
+            capacity, scale, _DTYPES[q.dtype], scores.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"attention kernel refused shapes {tuple(q.shape)} / {kv_heads}")
+        return out
+
+
+def scores_needed(heads: int, kv_heads: int, max_position: int) -> int:
+    """Floats of scratch a call needs whose last position is `max_position`."""
+    return heads // kv_heads * -(-(max_position + 1) // LANES) * LANES
+
+
+@functools.cache
+def load_cpu_attention() -> CpuAttention | None:
+    """The compiled kernel, or None (logged once) where it cannot be built."""
+    try:
+        return CpuAttention(ctypes.CDLL(str(_build())))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        logger.warning("no compiled attention kernel (%s): attention runs per block in SDPA", exc)
+        return None
+
+
+def _build() -> Path:
+    source = _SOURCE.read_bytes()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc, gcc or $CC) on PATH")
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(_FLAGS).encode(), _cpu_identity().encode()])
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatfleet"
+    library = cache / "kernels" / f"attention-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed into place: processes racing to build it each
+    # rename a complete file.
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        built = Path(scratch) / library.name
+        base = [compiler, *_FLAGS, "-o", str(built), str(_SOURCE), "-lm"]
+        try:
+            subprocess.run([*base[:1], _NATIVE, *base[1:]], check=True, capture_output=True)
+        except subprocess.CalledProcessError:
+            # Compilers without -march=native (some for ARM) build for the generic target.
+            subprocess.run(base, check=True, capture_output=True)
+        os.replace(built, library)
+    logger.info("built the attention kernel: %s", library)
+    return library
+
+
+def _cpu_identity() -> str:
+    """What -march=native builds for: the CPU's model and feature flags where Linux says."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join([platform.machine(), *sorted(set(wanted))])

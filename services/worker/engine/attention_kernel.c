@@ -1,0 +1,163 @@
+/* Causal attention of packed query rows over a dense per-sequence KV cache, on the CPU.
+ *
+ * Each query row (a token at `position` of cache row `row`) attends over keys [0, position] of
+ * its row, with the query heads of a group sharing one key/value head (GQA). Every row is
+ * computed by the same arithmetic in the same order, whatever the other rows of the call: a
+ * position's attention is the same bit for bit decoded alone, in a batch, in a prefill chunk of
+ * any size or after a cached prefix. torch's SDPA picks kernels and blockings by shape, which is
+ * why the runner otherwise calls it per block (runner.py).
+ *
+ * Bit-exact across machines too: built with -ffp-contract=off and without fast-math, every add
+ * and multiply is rounded on its own, so vector and scalar code give the same result; sums run
+ * over LANES fixed accumulators combined in a fixed tree, and exp is a fixed polynomial.
+ *
+ * dtype 0: float32 tensors; 1: bfloat16 (float32 arithmetic, output rounded to nearest even).
+ */
+#include <stdint.h>
+#include <string.h>
+
+/* GCC/Clang vector extensions: explicit 16-lane arithmetic, lowered to whatever width the CPU
+ * has. Lane l of a sum always holds the same terms, so no result depends on the vector width. */
+#define LANES 16
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 16
+#define MAX_CHUNKS (MAX_HEAD_DIM / LANES)
+
+static inline vfloat splat(float x) { return (vfloat){0} + x; }
+
+static inline vfloat load_vector(const void *base, int64_t offset, int bf16) {
+    vfloat v;
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)base + offset;
+        vint bits;
+        for (int l = 0; l < LANES; l++) bits[l] = (int32_t)((uint32_t)src[l] << 16);
+        memcpy(&v, &bits, sizeof v);
+    } else {
+        memcpy(&v, (const float *)base + offset, sizeof v);
+    }
+    return v;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* The lanes' sum, in a fixed tree. */
+static inline float lane_sum(vfloat v) {
+    float a[LANES];
+    memcpy(a, &v, sizeof a);
+    for (int width = LANES / 2; width >= 1; width /= 2)
+        for (int l = 0; l < width; l++) a[l] = a[l] + a[l + width];
+    return a[0];
+}
+
+static inline vfloat select(vint mask, vfloat yes, vfloat no) {
+    vint y, n;
+    memcpy(&y, &yes, sizeof y);
+    memcpy(&n, &no, sizeof n);
+    vint r = (mask & y) | (~mask & n);
+    vfloat out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+/* exp(x) for x <= 0 (Cephes' expf polynomial, relative error ~2e-7); 0 below -87. */
+static inline vfloat exp_nonpositive(vfloat x) {
+    const vint tiny = x < splat(-87.0f);
+    x = select(tiny, splat(-87.0f), x);
+    /* Round to nearest by the 1.5 * 2^23 trick (|x * log2 e| < 2^22). */
+    vfloat n = (x * splat(1.44269504088896341f) + splat(12582912.0f)) - splat(12582912.0f);
+    vfloat r = x - n * splat(0.693359375f);
+    r = r - n * splat(-2.12194440e-4f);
+    vfloat y = splat(1.9875691500e-4f);
+    y = y * r + splat(1.3981999507e-3f);
+    y = y * r + splat(8.3334519073e-3f);
+    y = y * r + splat(4.1665795894e-2f);
+    y = y * r + splat(1.6666665459e-1f);
+    y = y * r + splat(5.0000001201e-1f);
+    y = y * (r * r) + r + splat(1.0f);
+    vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+    vfloat scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return select(tiny, splat(0.0f), y * scale);
+}
+
+/* Returns 0, or -1 for shapes the kernel does not take (the caller checks first). `scores`
+ * holds group * (max position + 1 rounded up to LANES) floats. Query and output rows are
+ * [heads, head_dim], the caches [rows, kv_heads, capacity, head_dim]; strides in elements. */
+int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache,
+                        const void *v_cache, void *out, int64_t out_row_stride,
+                        const int64_t *cache_rows, const int64_t *positions, int64_t n,
+                        int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
+                        float scale, int bf16, float *scores) {
+    if (kv_heads < 1 || heads % kv_heads != 0) return -1;
+    const int64_t group = heads / kv_heads, chunks = head_dim / LANES;
+    if (head_dim % LANES != 0 || head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
+    vfloat qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS];
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t length = positions[i] + 1;
+        const int64_t padded = (length + LANES - 1) / LANES * LANES;
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const int64_t cache_offset = ((cache_rows[i] * kv_heads + g) * capacity) * head_dim;
+            for (int64_t h = 0; h < group; h++)
+                for (int64_t c = 0; c < chunks; c++)
+                    qv[h][c] = load_vector(q, i * q_row_stride + (g * group + h) * head_dim + c * LANES, bf16);
+            for (int64_t j = 0; j < length; j++) {
+                for (int64_t c = 0; c < chunks; c++)
+                    kv[c] = load_vector(k_cache, cache_offset + j * head_dim + c * LANES, bf16);
+                for (int64_t h = 0; h < group; h++) {
+                    vfloat sum = qv[h][0] * kv[0];
+                    for (int64_t c = 1; c < chunks; c++) sum = sum + qv[h][c] * kv[c];
+                    scores[h * padded + j] = lane_sum(sum) * scale;
+                }
+            }
+            float total[MAX_GROUP];
+            for (int64_t h = 0; h < group; h++) {
+                float *s = scores + h * padded;
+                float top = s[0];
+                for (int64_t j = 1; j < length; j++) top = s[j] > top ? s[j] : top;
+                for (int64_t j = length; j < padded; j++) s[j] = -1e30f; /* exp gives 0 */
+                vfloat sums = splat(0.0f);
+                for (int64_t j = 0; j < padded; j += LANES) {
+                    vfloat e;
+                    memcpy(&e, s + j, sizeof e);
+                    e = exp_nonpositive(e - splat(top));
+                    memcpy(s + j, &e, sizeof e);
+                    sums = sums + e;
+                }
+                total[h] = lane_sum(sums);
+                for (int64_t c = 0; c < chunks; c++) acc[h][c] = splat(0.0f);
+            }
+            for (int64_t j = 0; j < length; j++) {
+                for (int64_t c = 0; c < chunks; c++)
+                    kv[c] = load_vector(v_cache, cache_offset + j * head_dim + c * LANES, bf16);
+                for (int64_t h = 0; h < group; h++) {
+                    const vfloat p = splat(scores[h * padded + j]);
+                    for (int64_t c = 0; c < chunks; c++) acc[h][c] = acc[h][c] + p * kv[c];
+                }
+            }
+            for (int64_t h = 0; h < group; h++) {
+                const int64_t offset = i * out_row_stride + (g * group + h) * head_dim;
+                const vfloat inverse = splat(1.0f / total[h]);
+                for (int64_t c = 0; c < chunks; c++) {
+                    float values[LANES];
+                    const vfloat o = acc[h][c] * inverse;
+                    memcpy(values, &o, sizeof values);
+                    if (bf16) {
+                        uint16_t *dst = (uint16_t *)out + offset + c * LANES;
+                        for (int l = 0; l < LANES; l++) dst[l] = float_to_bf16(values[l]);
+                    } else {
+                        memcpy((float *)out + offset + c * LANES, values, sizeof values);
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,103 @@
+"""The CPU attention kernel (engine/attention.py): softmax attention over each row's own keys,
+computed bit for bit alike whatever else the call holds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from services.worker.engine.attention import CpuAttention, load_cpu_attention, scores_needed
+
+HEADS, KV_HEADS, HEAD_DIM, CAPACITY, ROWS = 6, 2, 32, 96, 3
+
+
+@pytest.fixture(scope="module")
+def kernel() -> CpuAttention:
+    built = load_cpu_attention()
+    assert built is not None, "the attention kernel did not build (is a C compiler on PATH?)"
+    return built
+
+
+def caches(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    shape = (ROWS, KV_HEADS, CAPACITY, HEAD_DIM)
+    return torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+
+
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[int], positions: list[int]
+) -> torch.Tensor:
+    """float64 softmax attention, one query row at a time."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = HEADS // KV_HEADS
+    for i, (row, position) in enumerate(zip(rows, positions, strict=True)):
+        keys = k[row, :, : position + 1].double().repeat_interleave(group, 0)
+        values = v[row, :, : position + 1].double().repeat_interleave(group, 0)
+        weights = (torch.einsum("hd,hjd->hj", q[i].double(), keys) * HEAD_DIM**-0.5).softmax(-1)
+        out[i] = torch.einsum("hj,hjd->hd", weights, values)
+    return out
+
+
+def attend(
+    kernel: CpuAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: list[int],
+    positions: list[int],
+) -> torch.Tensor:
+    scores = torch.empty(scores_needed(HEADS, KV_HEADS, max(positions)))
+    return kernel(q, k, v, torch.tensor(rows), torch.tensor(positions), HEAD_DIM**-0.5, scores)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"]
+)
+def test_matches_softmax_attention_over_each_rows_own_keys(
+    kernel: CpuAttention, dtype: torch.dtype, tolerance: float
+) -> None:
+    k, v = caches(dtype)
+    rng = random.Random(2)
+    # Positions around the kernel's 16-lane blocks, and the last position of the capacity.
+    positions = [0, 1, 14, 15, 16, 17, 40, CAPACITY - 1]
+    rows = [rng.randrange(ROWS) for _ in positions]
+    q = torch.randn(len(positions), HEADS, HEAD_DIM).to(dtype)
+    got = attend(kernel, q, k, v, rows, positions)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(
+        got.double(), reference(q, k, v, rows, positions), atol=tolerance, rtol=tolerance
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_row_is_the_same_bit_for_bit_in_any_call(
+    kernel: CpuAttention, dtype: torch.dtype
+) -> None:
+    k, v = caches(dtype)
+    rng = random.Random(3)
+    n = 40
+    rows = [rng.randrange(ROWS) for _ in range(n)]
+    positions = [rng.randrange(CAPACITY) for _ in range(n)]
+    q = torch.randn(n, HEADS, HEAD_DIM).to(dtype)
+    together = attend(kernel, q, k, v, rows, positions)
+    for i in range(n):
+        alone = attend(kernel, q[i : i + 1], k, v, rows[i : i + 1], positions[i : i + 1])
+        assert torch.equal(alone[0], together[i]), i
+    # A prefill chunk: consecutive positions of one row, as a strided view of a wider tensor
+    # (the runner's q is a slice of q and k rotated together).
+    wide = torch.randn(30, HEADS + KV_HEADS, HEAD_DIM).to(dtype)
+    chunk = attend(kernel, wide[:, :HEADS], k, v, [1] * 30, list(range(50, 80)))
+    for i in (0, 13, 29):
+        alone = attend(kernel, wide[i : i + 1, :HEADS], k, v, [1], [50 + i])
+        assert torch.equal(alone[0], chunk[i])
+
+
+def test_shapes_it_does_not_take_are_refused_up_front() -> None:
+    assert CpuAttention.supports(torch.bfloat16, 9, 3, 64)
+    assert not CpuAttention.supports(torch.float16, 9, 3, 64)  # no float16 arithmetic
+    assert not CpuAttention.supports(torch.float32, 9, 3, 72)  # not a multiple of 16 lanes
+    assert not CpuAttention.supports(torch.float32, 8, 3, 64)  # heads not a multiple
+    assert not CpuAttention.supports(torch.float32, 64, 2, 64)  # 32 heads per group
+    assert not CpuAttention.supports(torch.float32, 4, 1, 512)  # head_dim over 256
