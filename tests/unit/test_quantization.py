@@ -209,12 +209,13 @@ def test_quantize_replaces_every_linear() -> None:
 @pytest.mark.parametrize(
     ("requested", "device", "kind", "features", "expected"),
     [
-        # auto: bf16 on AMX-BF16, int8 on int8 dot products, else full precision
+        # auto: bf16 on AMX or AVX512-BF16, int8 on int8 dot products alone, else full precision
         ("auto", "cpu", ModelKind.CAUSAL_LM, WITH_AMX, "bf16"),
         ("auto", "cpu", ModelKind.CAUSAL_LM, {"amx_bf16": True}, "bf16"),
         ("auto", "cpu", ModelKind.CAUSAL_LM, WITH_VNNI, "int8"),
         ("auto", "cpu", ModelKind.CAUSAL_LM, {"amx_int8": True}, "int8"),
-        ("auto", "cpu", ModelKind.CAUSAL_LM, {"avx512_bf16": True}, "none"),  # not measured
+        ("auto", "cpu", ModelKind.CAUSAL_LM, {"avx512_bf16": True}, "bf16"),
+        ("auto", "cpu", ModelKind.CAUSAL_LM, {**WITH_VNNI, "avx512_bf16": True}, "bf16"),
         ("auto", "cpu", ModelKind.CAUSAL_LM, AVX2_ONLY, "none"),
         ("auto", "cpu", ModelKind.ENCODER, WITH_AMX, "none"),
         ("auto", "cuda", ModelKind.CAUSAL_LM, WITH_AMX, "none"),

@@ -446,7 +446,7 @@ def resolve_quantization(
     kind: ModelKind,
     cpu_features: Mapping[str, object] | None = None,
 ) -> str:
-    """auto -> for generative models on a CPU: bf16 with AMX-BF16, else int8 with int8
+    """auto -> for generative models on a CPU: bf16 with AMX or AVX512-BF16, else int8 with int8
     dot-product instructions, else none; none off the CPU and for encoders (embeddings stay
     full precision). An explicit int8 or bf16 is kept, with a warning where it runs slower than
     full precision."""
@@ -461,8 +461,9 @@ def resolve_quantization(
     if requested == "auto":
         if not on_cpu or kind is not ModelKind.CAUSAL_LM:
             return "none"
-        # Measured on an AMX CPU (bench/linear_kernels.py, bench/README.md): bf16 beats int8 at
-        # every batch size and is closer to float32.
+        # Measured on an AMX CPU (bench/linear_kernels.py) and on an AVX512-BF16 EPYC
+        # (bench/quantization_modes.py), bench/README.md: bf16 is as fast as int8 under load and
+        # far closer to float32 (int8's per-token activations change a small model's answers).
         if bf16_matmul_is_fast(cpu_features):
             return "bf16"
         if int8_matmul_is_fast(cpu_features):
