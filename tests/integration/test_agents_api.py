@@ -203,9 +203,13 @@ def test_tool_result_round_trip_gets_an_answer(client: openai.OpenAI) -> None:
 def test_json_object_output_parses(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=CHAT_MODEL,
+        # A prompt the model ends in every --quantization mode (checked greedy on none, bf16,
+        # int8 and int4): JSON mode may close the object at any point, the model decides when.
         messages=[
-            {"role": "system", "content": "Answer with a short JSON object."},
-            {"role": "user", "content": 'Give {"city": ..., "country": ...} for Paris.'},
+            {
+                "role": "user",
+                "content": "Describe Paris as a JSON object with the keys city and country.",
+            },
         ],
         response_format={"type": "json_object"},
         temperature=0,
@@ -213,7 +217,9 @@ def test_json_object_output_parses(client: openai.OpenAI) -> None:
     )
     choice = reply.choices[0]
     assert choice.finish_reason == "stop", choice.message.content
-    assert isinstance(json.loads(choice.message.content or ""), dict)
+    answer = json.loads(choice.message.content or "")
+    assert isinstance(answer, dict)
+    assert answer.get("city") == "Paris", answer
 
 
 def test_json_schema_output_validates(client: openai.OpenAI) -> None:
