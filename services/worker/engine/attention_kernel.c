@@ -21,6 +21,7 @@
 #define LANES 16
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef uint16_t vhalf __attribute__((vector_size(LANES * sizeof(uint16_t))));
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
 #define MAX_CHUNKS (MAX_HEAD_DIM / LANES)
@@ -30,9 +31,9 @@ static inline vfloat splat(float x) { return (vfloat){0} + x; }
 static inline vfloat load_vector(const void *base, int64_t offset, int bf16) {
     vfloat v;
     if (bf16) {
-        const uint16_t *src = (const uint16_t *)base + offset;
-        vint bits;
-        for (int l = 0; l < LANES; l++) bits[l] = (int32_t)((uint32_t)src[l] << 16);
+        vhalf raw;
+        memcpy(&raw, (const uint16_t *)base + offset, sizeof raw);
+        const vint bits = __builtin_convertvector(raw, vint) << 16;
         memcpy(&v, &bits, sizeof v);
     } else {
         memcpy(&v, (const float *)base + offset, sizeof v);
@@ -55,6 +56,24 @@ static inline float lane_sum(vfloat v) {
     for (int width = LANES / 2; width >= 1; width /= 2)
         for (int l = 0; l < width; l++) a[l] = a[l] + a[l + width];
     return a[0];
+}
+
+/* Lane k of the result: the sum of p[k]'s lanes, in the same fixed tree for every k (halves
+ * added first: lane l + lane l + 8, then + 4, + 2, + 1). Shuffles move lanes, adds only ever
+ * combine lanes of one input, so the sums of LANES keys take 30 shuffles and 15 adds. */
+static inline vfloat reduce_lanes(const vfloat p[LANES]) {
+    vfloat a[8], b[4], c[2];
+    for (int m = 0; m < 8; m++)
+        a[m] = __builtin_shufflevector(p[2 * m], p[2 * m + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(p[2 * m], p[2 * m + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int m = 0; m < 4; m++)
+        b[m] = __builtin_shufflevector(a[2 * m], a[2 * m + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(a[2 * m], a[2 * m + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int m = 0; m < 2; m++)
+        c[m] = __builtin_shufflevector(b[2 * m], b[2 * m + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(b[2 * m], b[2 * m + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 static inline vfloat select(vint mask, vfloat yes, vfloat no) {
@@ -100,6 +119,7 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
     const int64_t group = heads / kv_heads, chunks = head_dim / LANES;
     if (head_dim % LANES != 0 || head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
     vfloat qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS];
+    vfloat keys[LANES][MAX_CHUNKS];
     for (int64_t i = 0; i < n; i++) {
         const int64_t length = positions[i] + 1;
         const int64_t padded = (length + LANES - 1) / LANES * LANES;
@@ -108,13 +128,24 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
             for (int64_t h = 0; h < group; h++)
                 for (int64_t c = 0; c < chunks; c++)
                     qv[h][c] = load_vector(q, i * q_row_stride + (g * group + h) * head_dim + c * LANES, bf16);
-            for (int64_t j = 0; j < length; j++) {
-                for (int64_t c = 0; c < chunks; c++)
-                    kv[c] = load_vector(k_cache, cache_offset + j * head_dim + c * LANES, bf16);
+            /* Scores a block of LANES keys at a time: the keys in float once, then for each
+             * head the keys' lane partial sums, reduced together (reduce_lanes). Keys past the
+             * row's last are zeros: no lane of one key ever mixes with another's. */
+            for (int64_t j0 = 0; j0 < length; j0 += LANES) {
+                const int64_t count = length - j0 < LANES ? length - j0 : LANES;
+                for (int64_t k = 0; k < LANES; k++)
+                    for (int64_t c = 0; c < chunks; c++)
+                        keys[k][c] = k < count ? load_vector(k_cache, cache_offset + (j0 + k) * head_dim + c * LANES, bf16)
+                                               : splat(0.0f);
                 for (int64_t h = 0; h < group; h++) {
-                    vfloat sum = qv[h][0] * kv[0];
-                    for (int64_t c = 1; c < chunks; c++) sum = sum + qv[h][c] * kv[c];
-                    scores[h * padded + j] = lane_sum(sum) * scale;
+                    vfloat partial[LANES];
+                    for (int64_t k = 0; k < LANES; k++) {
+                        vfloat sum = qv[h][0] * keys[k][0];
+                        for (int64_t c = 1; c < chunks; c++) sum = sum + qv[h][c] * keys[k][c];
+                        partial[k] = sum;
+                    }
+                    const vfloat block = reduce_lanes(partial) * splat(scale);
+                    memcpy(scores + h * padded + j0, &block, sizeof block);
                 }
             }
             float total[MAX_GROUP];
