@@ -7,14 +7,22 @@
  * any size or after a cached prefix. torch's SDPA picks kernels and blockings by shape, which is
  * why the runner otherwise calls it per block (runner.py).
  *
- * Bit-exact across machines too: built with -ffp-contract=off and without fast-math, every add
- * and multiply is rounded on its own, so vector and scalar code give the same result; sums run
- * over LANES fixed accumulators combined in a fixed tree, and exp is a fixed polynomial.
+ * Built with -ffp-contract=off and without fast-math, every add and multiply is rounded on its
+ * own, so vector and scalar code give the same result; sums run over LANES fixed accumulators
+ * combined in a fixed tree, and exp is a fixed polynomial. float32 rows are bit-exact across
+ * machines too.
  *
- * dtype 0: float32 tensors; 1: bfloat16 (float32 arithmetic, output rounded to nearest even).
+ * dtype 0: float32 tensors; 1: bfloat16, float32 arithmetic and output rounded to nearest even.
+ * On CPUs with AVX512-BF16, bf16 rows take its dot-product instruction instead (score_bf16_dot,
+ * weigh_bf16_dot): several times fewer instructions, still one fixed order per row, but their
+ * last bits differ from other CPUs'.
  */
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define BF16_DOT 1 /* score_bf16_dot */
+#endif
 
 /* GCC/Clang vector extensions: explicit 16-lane arithmetic, lowered to whatever width the CPU
  * has. Lane l of a sum always holds the same terms, so no result depends on the vector width. */
@@ -76,7 +84,7 @@ static inline vfloat reduce_lanes(const vfloat p[LANES]) {
          + __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-static inline vfloat select(vint mask, vfloat yes, vfloat no) {
+static inline vfloat select_lanes(vint mask, vfloat yes, vfloat no) {
     vint y, n;
     memcpy(&y, &yes, sizeof y);
     memcpy(&n, &no, sizeof n);
@@ -89,7 +97,7 @@ static inline vfloat select(vint mask, vfloat yes, vfloat no) {
 /* exp(x) for x <= 0 (Cephes' expf polynomial, relative error ~2e-7); 0 below -87. */
 static inline vfloat exp_nonpositive(vfloat x) {
     const vint tiny = x < splat(-87.0f);
-    x = select(tiny, splat(-87.0f), x);
+    x = select_lanes(tiny, splat(-87.0f), x);
     /* Round to nearest by the 1.5 * 2^23 trick (|x * log2 e| < 2^22). */
     vfloat n = (x * splat(1.44269504088896341f) + splat(12582912.0f)) - splat(12582912.0f);
     vfloat r = x - n * splat(0.693359375f);
@@ -104,8 +112,123 @@ static inline vfloat exp_nonpositive(vfloat x) {
     vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
     vfloat scale;
     memcpy(&scale, &bits, sizeof scale);
-    return select(tiny, splat(0.0f), y * scale);
+    return select_lanes(tiny, splat(0.0f), y * scale);
 }
+
+/* The scores of one row's `group` heads over keys [0, length) into scores[h * padded + j], times
+ * `scale`. A block of LANES keys at a time: the keys in float once, then for each head the keys'
+ * lane partial sums, reduced together (reduce_lanes). Keys past the row's last are zeros: no
+ * lane of one key ever mixes with another's. */
+static void score_float(const vfloat qv[MAX_GROUP][MAX_CHUNKS], const void *k_cache,
+                        int64_t cache_offset, int64_t group, int64_t chunks, int64_t head_dim,
+                        int64_t length, int64_t padded, float scale, int bf16, float *scores) {
+    vfloat keys[LANES][MAX_CHUNKS];
+    for (int64_t j0 = 0; j0 < length; j0 += LANES) {
+        const int64_t count = length - j0 < LANES ? length - j0 : LANES;
+        for (int64_t k = 0; k < LANES; k++)
+            for (int64_t c = 0; c < chunks; c++)
+                keys[k][c] = k < count ? load_vector(k_cache, cache_offset + (j0 + k) * head_dim + c * LANES, bf16)
+                                       : splat(0.0f);
+        for (int64_t h = 0; h < group; h++) {
+            vfloat partial[LANES];
+            for (int64_t k = 0; k < LANES; k++) {
+                vfloat sum = qv[h][0] * keys[k][0];
+                for (int64_t c = 1; c < chunks; c++) sum = sum + qv[h][c] * keys[k][c];
+                partial[k] = sum;
+            }
+            const vfloat block = reduce_lanes(partial) * splat(scale);
+            memcpy(scores + h * padded + j0, &block, sizeof block);
+        }
+    }
+}
+
+#ifdef BF16_DOT
+/* score_float for bf16 queries and keys with AVX512-BF16's vdpbf16ps: 32 products an
+ * instruction (each exact in float; a lane adds its pair to its sum, denormals flushed), no
+ * conversions. The sums' order differs from score_float's, so scores differ in the last bits
+ * from CPUs without the instruction; on one CPU a row's scores are still the same in any call. */
+static void score_bf16_dot(const uint16_t *q, const uint16_t *k_cache, int64_t group,
+                           int64_t head_dim, int64_t length, int64_t padded, float scale,
+                           float *scores) {
+    const int64_t pairs = head_dim / 32;
+    __m512bh qh[MAX_GROUP][MAX_HEAD_DIM / 32], keys[LANES][MAX_HEAD_DIM / 32];
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t c = 0; c < pairs; c++)
+            qh[h][c] = (__m512bh)_mm512_loadu_si512(q + h * head_dim + c * 32);
+    for (int64_t j0 = 0; j0 < length; j0 += LANES) {
+        const int64_t count = length - j0 < LANES ? length - j0 : LANES;
+        for (int64_t k = 0; k < LANES; k++)
+            for (int64_t c = 0; c < pairs; c++)
+                keys[k][c] = k < count ? (__m512bh)_mm512_loadu_si512(k_cache + (j0 + k) * head_dim + c * 32)
+                                       : (__m512bh)_mm512_setzero_si512();
+        for (int64_t h = 0; h < group; h++) {
+            vfloat partial[LANES];
+            for (int64_t k = 0; k < LANES; k++) {
+                __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), qh[h][0], keys[k][0]);
+                for (int64_t c = 1; c < pairs; c++) sum = _mm512_dpbf16_ps(sum, qh[h][c], keys[k][c]);
+                partial[k] = (vfloat)sum;
+            }
+            const vfloat block = reduce_lanes(partial) * splat(scale);
+            memcpy(scores + h * padded + j0, &block, sizeof block);
+        }
+    }
+}
+
+/* The weights s[0, padded) rounded to bf16 in place (into the first half of the floats) for
+ * weigh_bf16_dot; returns the sum of the rounded weights, so they still sum to one after
+ * dividing by it. */
+static float round_weights(float *s, int64_t padded) {
+    uint16_t *rounded = (uint16_t *)s;
+    vfloat sums = splat(0.0f);
+    for (int64_t j = 0; j < padded; j += LANES) {
+        /* Writes stay behind reads: bf16 j lands at byte 2j, float j is read from byte 4j. */
+        const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + j));
+        _mm256_storeu_si256((__m256i *)(rounded + j), (__m256i)half);
+        sums = sums + load_vector(rounded, j, 1);
+    }
+    return lane_sum(sums);
+}
+
+/* acc[h] = sum over keys j < length of weight[h][j] * v[j], for bf16 weights (round_weights) and
+ * values: keys in pairs, the two value rows interleaved (vpermt2w) so that one vdpbf16ps adds a
+ * pair's products for 16 dimensions. The pair past an odd length is a zero row of weight 0. */
+static void weigh_bf16_dot(const uint16_t *v_cache, const float *scores, int64_t group,
+                           int64_t head_dim, int64_t length, int64_t padded,
+                           vfloat acc[MAX_GROUP][MAX_CHUNKS]) {
+    const int64_t chunks = head_dim / LANES;
+    __m512i pick[2];
+    for (int half = 0; half < 2; half++) {
+        uint16_t index[32];
+        for (int l = 0; l < 16; l++) {
+            index[2 * l] = (uint16_t)(16 * half + l);
+            index[2 * l + 1] = (uint16_t)(32 + 16 * half + l);
+        }
+        pick[half] = _mm512_loadu_si512(index);
+    }
+    __m512 sums[MAX_GROUP][MAX_CHUNKS];
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t c = 0; c < chunks; c++) sums[h][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < length; j += 2) {
+        __m512bh pairs[MAX_CHUNKS];
+        for (int64_t c = 0; c < chunks; c++) {
+            const __m512i first = _mm512_loadu_si512(v_cache + j * head_dim + (c / 2) * 32);
+            const __m512i second = j + 1 < length
+                ? _mm512_loadu_si512(v_cache + (j + 1) * head_dim + (c / 2) * 32)
+                : _mm512_setzero_si512();
+            pairs[c] = (__m512bh)_mm512_permutex2var_epi16(first, pick[c % 2], second);
+        }
+        for (int64_t h = 0; h < group; h++) {
+            uint32_t word;
+            memcpy(&word, (const uint16_t *)(scores + h * padded) + j, sizeof word);
+            const __m512bh weights = (__m512bh)_mm512_set1_epi32((int)word);
+            for (int64_t c = 0; c < chunks; c++)
+                sums[h][c] = _mm512_dpbf16_ps(sums[h][c], weights, pairs[c]);
+        }
+    }
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t c = 0; c < chunks; c++) acc[h][c] = (vfloat)sums[h][c];
+}
+#endif
 
 /* Returns 0, or -1 for shapes the kernel does not take (the caller checks first). `scores`
  * holds group * (max position + 1 rounded up to LANES) floats. Query and output rows are
@@ -119,7 +242,9 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
     const int64_t group = heads / kv_heads, chunks = head_dim / LANES;
     if (head_dim % LANES != 0 || head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
     vfloat qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS];
-    vfloat keys[LANES][MAX_CHUNKS];
+#ifdef BF16_DOT
+    const int dot = bf16 && head_dim % 32 == 0;
+#endif
     for (int64_t i = 0; i < n; i++) {
         const int64_t length = positions[i] + 1;
         const int64_t padded = (length + LANES - 1) / LANES * LANES;
@@ -128,32 +253,28 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
             for (int64_t h = 0; h < group; h++)
                 for (int64_t c = 0; c < chunks; c++)
                     qv[h][c] = load_vector(q, i * q_row_stride + (g * group + h) * head_dim + c * LANES, bf16);
-            /* Scores a block of LANES keys at a time: the keys in float once, then for each
-             * head the keys' lane partial sums, reduced together (reduce_lanes). Keys past the
-             * row's last are zeros: no lane of one key ever mixes with another's. */
-            for (int64_t j0 = 0; j0 < length; j0 += LANES) {
-                const int64_t count = length - j0 < LANES ? length - j0 : LANES;
-                for (int64_t k = 0; k < LANES; k++)
-                    for (int64_t c = 0; c < chunks; c++)
-                        keys[k][c] = k < count ? load_vector(k_cache, cache_offset + (j0 + k) * head_dim + c * LANES, bf16)
-                                               : splat(0.0f);
-                for (int64_t h = 0; h < group; h++) {
-                    vfloat partial[LANES];
-                    for (int64_t k = 0; k < LANES; k++) {
-                        vfloat sum = qv[h][0] * keys[k][0];
-                        for (int64_t c = 1; c < chunks; c++) sum = sum + qv[h][c] * keys[k][c];
-                        partial[k] = sum;
-                    }
-                    const vfloat block = reduce_lanes(partial) * splat(scale);
-                    memcpy(scores + h * padded + j0, &block, sizeof block);
-                }
-            }
+#ifdef BF16_DOT
+            if (dot)
+                score_bf16_dot((const uint16_t *)q + i * q_row_stride + g * group * head_dim,
+                               (const uint16_t *)k_cache + cache_offset, group, head_dim, length,
+                               padded, scale, scores);
+            else
+#endif
+                score_float(qv, k_cache, cache_offset, group, chunks, head_dim, length, padded,
+                            scale, bf16, scores);
             float total[MAX_GROUP];
             for (int64_t h = 0; h < group; h++) {
                 float *s = scores + h * padded;
-                float top = s[0];
-                for (int64_t j = 1; j < length; j++) top = s[j] > top ? s[j] : top;
                 for (int64_t j = length; j < padded; j++) s[j] = -1e30f; /* exp gives 0 */
+                vfloat tops;
+                memcpy(&tops, s, sizeof tops);
+                for (int64_t j = LANES; j < padded; j += LANES) {
+                    vfloat e;
+                    memcpy(&e, s + j, sizeof e);
+                    tops = select_lanes(e > tops, e, tops);
+                }
+                float top = tops[0];
+                for (int l = 1; l < LANES; l++) top = tops[l] > top ? tops[l] : top;
                 vfloat sums = splat(0.0f);
                 for (int64_t j = 0; j < padded; j += LANES) {
                     vfloat e;
@@ -165,6 +286,14 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
                 total[h] = lane_sum(sums);
                 for (int64_t c = 0; c < chunks; c++) acc[h][c] = splat(0.0f);
             }
+#ifdef BF16_DOT
+            if (dot) {
+                for (int64_t h = 0; h < group; h++)
+                    total[h] = round_weights(scores + h * padded, padded);
+                weigh_bf16_dot((const uint16_t *)v_cache + cache_offset, scores, group, head_dim,
+                               length, padded, acc);
+            } else
+#endif
             for (int64_t j = 0; j < length; j++) {
                 for (int64_t c = 0; c < chunks; c++)
                     kv[c] = load_vector(v_cache, cache_offset + j * head_dim + c * LANES, bf16);
