@@ -31,7 +31,7 @@ from services.worker.engine.quantization import (
     quantize,
     quantize_bf16,
 )
-from services.worker.engine.runner import fuse_linears
+from services.worker.engine.runner import ForwardItem, PackedRunner, fuse_linears
 from tests.unit.models import save_tiny_llama
 from tests.unit.test_engine import collect, hf_greedy, random_prompt, request
 
@@ -274,15 +274,16 @@ async def started(path: Path, quantization: str = "bf16", **options: object) -> 
 async def test_engine_greedy_is_batch_invariant(
     llama_dir: Path, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:
-    """Each request of a concurrent mixed batch gets the tokens it gets alone, and with bf16
-    those of transformers' generate on the same bf16 layers."""
+    """Each request of a concurrent mixed batch gets the tokens it gets alone; the modes with
+    bf16 products keep keys and values in bf16."""
     rng = random.Random(2)
     specs = [(3, 40), (17, 16), (60, 24), (9, 30)]
     prompts = [random_prompt(rng, n) for n, _ in specs]
-    caplog.set_level("INFO", logger="services.worker.engine.loading")
+    caplog.set_level("INFO", logger="services.worker.engine")
     engine = await started(llama_dir, mode, max_running=4, max_batch_tokens=16)
     try:
         assert f"quantization {mode} (requested {mode}): approximate" in caplog.text
+        assert "keys and values in bfloat16" in caplog.text
         together = await asyncio.gather(
             *(
                 collect(engine, request(p, max_tokens=n))
@@ -295,9 +296,23 @@ async def test_engine_greedy_is_batch_invariant(
         ]
     finally:
         await engine.stop()
-    reference = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    quantize_bf16(reference)
-    for prompt, (_, max_tokens), mixed, single in zip(prompts, specs, together, alone, strict=True):
+    for (_, max_tokens), mixed, single in zip(specs, together, alone, strict=True):
+        assert len(mixed.token_ids) == max_tokens
         assert mixed.token_ids == single.token_ids
-        if mode == "bf16":  # int4 decodes with other weights than generate's forward
-            assert mixed.token_ids == hf_greedy(reference, prompt, max_tokens)
+
+
+def test_bf16_layers_with_a_float32_cache_decode_as_generate(llama_dir: Path) -> None:
+    """The packed runner over bf16 layers, keys and values kept in float32, decodes greedily the
+    tokens transformers' generate gives over the same layers: only the products are bf16."""
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    quantize_bf16(model)
+    runner = PackedRunner(model, max_rows=2, max_cache_tokens=1024)
+    assert runner.kv_dtype == torch.float32
+    prompt = random_prompt(random.Random(4), 19)
+    tokens = list(prompt)
+    with torch.inference_mode():
+        logits = runner.forward([ForwardItem("s", prompt, 0, True)])
+        for _ in range(24):
+            tokens.append(int(logits[-1].argmax()))
+            logits = runner.forward([ForwardItem("s", tokens[-1:], len(tokens) - 1, True)])
+    assert tokens[len(prompt) :] == hf_greedy(model, prompt, 24)

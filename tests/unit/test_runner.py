@@ -202,14 +202,16 @@ def test_all_logits_items_return_every_position(kind: str) -> None:
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
 )
 @pytest.mark.parametrize("attention_kernel", [True, False], ids=["kernel", "sdpa"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["kv32", "kv16"])
 def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode(
-    attention_kernel: bool,
+    attention_kernel: bool, kv_dtype: torch.dtype
 ) -> None:
     """With bf16 layers (the served default on AMX CPUs), the logits after a prompt are equal bit
     for bit whether it is prefilled whole, in chunks of any size (1 and 2 included), or decoded
     token by token, alone or beside other sequences: oneDNN's bf16 products compute each row
     alike for any number of rows, and attention computes each row alike (attention_kernel.c)
-    or runs per block (runner._attention_groups).
+    or runs per block (runner._attention_groups); with keys and values in float32 or in bf16
+    (as the served approximate modes keep them).
     (float32 products are not row-invariant in MKL, which picks its kernel by the row count; the
     float32 path is checked against generate's greedy tokens instead.)"""
     from services.worker.engine.quantization import quantize
@@ -221,7 +223,11 @@ def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode
 
     def last_logits(chunks: list[int], *, neighbour: bool) -> torch.Tensor:
         runner = PackedRunner(
-            model, max_rows=4, max_cache_tokens=4096, attention_kernel=attention_kernel
+            model,
+            max_rows=4,
+            max_cache_tokens=4096,
+            attention_kernel=attention_kernel,
+            kv_dtype=kv_dtype,
         )
         start = 0
         logits = torch.empty(0)

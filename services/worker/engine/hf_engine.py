@@ -416,13 +416,17 @@ class HFEngine(Engine):
                     options.max_running,
                     options.kv_cache_tokens,
                     prefix_caching=options.prefix_caching,
+                    kv_dtype=loaded.kv_dtype,
                 )
                 if options.packed
                 else HFRunner(loaded.model, options.max_running, options.kv_cache_tokens)
             )
             if isinstance(self._runner, PackedRunner):
                 logger.info(
-                    "%s: attention by %s", self._plan.names[0], self._runner.attention_backend
+                    "%s: attention by %s, keys and values in %s",
+                    self._plan.names[0],
+                    self._runner.attention_backend,
+                    str(self._runner.kv_dtype).removeprefix("torch."),
                 )
             if options.prefix_caching and not self._runner.prefix_caching:
                 logger.info(

@@ -168,6 +168,7 @@ class PackedRunner(ModelRunner):
         *,
         prefix_caching: bool = False,
         attention_kernel: bool = True,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         reason = packed_unsupported_reason(model)
         if reason is not None:
@@ -184,6 +185,9 @@ class PackedRunner(ModelRunner):
         self.scaling = self.layers[0].self_attn.scaling
         self.device = model.device
         self.dtype = model.dtype
+        # Keys and values may be stored narrower than the activations (bf16 for a float32
+        # model whose products are approximate anyway): half the memory and the attention reads.
+        self.kv_dtype = kv_dtype or self.dtype
         self.context_length = int(config.max_position_embeddings)
         self._row_of: dict[Hashable, int] = {}
         self._keys: list[Hashable] = []  # row -> key
@@ -224,7 +228,9 @@ class PackedRunner(ModelRunner):
         if (
             attention_kernel
             and self.device.type == "cpu"
-            and CpuAttention.supports(self.dtype, self.num_heads, self.num_kv_heads, self.head_dim)
+            and CpuAttention.supports(
+                self.kv_dtype, self.num_heads, self.num_kv_heads, self.head_dim
+            )
         ):
             self._attention = load_cpu_attention()
         self._scores = torch.empty(0)
@@ -313,7 +319,7 @@ class PackedRunner(ModelRunner):
         kept = min(self._capacity, capacity)
 
         def grown(old: torch.Tensor | None) -> torch.Tensor:
-            new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            new = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             if old is not None and used_rows:
                 new[:used_rows, :, :kept].copy_(old[:used_rows, :, :kept])
             return new
@@ -397,6 +403,8 @@ class PackedRunner(ModelRunner):
                 qk = qk * cos + _flip_halves(qk) * signed_sin
                 q, k = qk[:, :heads], qk[:, heads:]
             cache_k, cache_v = self._k[index], self._v[index]
+            if q.dtype != self.kv_dtype:
+                q, k, v = q.to(self.kv_dtype), k.to(self.kv_dtype), v.to(self.kv_dtype)
             cache_k[row_t, :, position_t] = k
             cache_v[row_t, :, position_t] = v
             if kernel is not None:
@@ -416,7 +424,8 @@ class PackedRunner(ModelRunner):
                 out[group.start : group.end] = attended[0, :, : group.end - group.start].transpose(
                     0, 1
                 )
-            hidden = hidden + _linear(attn.o_proj, out.reshape(len(tokens), -1), split)
+            out = out.reshape(len(tokens), -1).to(self.dtype)
+            hidden = hidden + _linear(attn.o_proj, out, split)
             mlp = layer.mlp
             gate, up = _linear(
                 self._gate_up[index], _rms_norm(layer.post_attention_layernorm, hidden), split
@@ -630,7 +639,7 @@ class PackedRunner(ModelRunner):
             size,
             self.num_kv_heads,
             self.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=device,
         )
         for index in range(len(self.layers)):
@@ -696,13 +705,20 @@ class HFRunner(ModelRunner):
 
 
 def create_runner(
-    model: PreTrainedModel, max_rows: int, max_cache_tokens: int, *, prefix_caching: bool = False
+    model: PreTrainedModel,
+    max_rows: int,
+    max_cache_tokens: int,
+    *,
+    prefix_caching: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> ModelRunner:
     """The packed runner where the architecture allows it, else the generic one (which has no
-    prefix cache)."""
+    prefix cache and keeps the model's dtype for keys and values)."""
     reason = packed_unsupported_reason(model)
     if reason is None:
-        return PackedRunner(model, max_rows, max_cache_tokens, prefix_caching=prefix_caching)
+        return PackedRunner(
+            model, max_rows, max_cache_tokens, prefix_caching=prefix_caching, kv_dtype=kv_dtype
+        )
     logger.info("using the per-sequence runner: %s", reason)
     return HFRunner(model, max_rows, max_cache_tokens)
 
