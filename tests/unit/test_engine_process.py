@@ -290,6 +290,29 @@ def test_replicas_share_the_configured_budgets(llama_dir: Path) -> None:
         create_process_engines([ModelSpec(str(llama_dir))], options, replicas=0)
 
 
+async def test_cpu_replicas_sized_here_share_a_busy_counter_and_serve_with_it(
+    llama_dir: Path,
+) -> None:
+    """Without --threads, CPU replicas get one counter of busy processes (engine/cores.py): it
+    crosses the spawn and the engines serve with it; an explicit thread count keeps none."""
+    options = EngineOptions(max_running=4, quantization="none", device="cpu")
+    (chat,) = create_process_engines([ModelSpec(str(llama_dir), ("tiny",))], options, replicas=2)
+    assert isinstance(chat, ReplicaPool)
+    counters = {id(p._busy_processes) for p in chat._processes}
+    assert len(counters) == 1 and chat._processes[0]._busy_processes is not None
+    (fixed,) = create_process_engines([ModelSpec(str(llama_dir))], OPTIONS, replicas=2)
+    assert isinstance(fixed, ReplicaPool)
+    assert all(p._busy_processes is None for p in fixed._processes)
+    await chat.start()
+    try:
+        chunks = await asyncio.gather(*(collect(chat, r) for r in requests()))
+        assert all(c and c[-1].finish_reason is not None for c in chunks)
+    finally:
+        await chat.stop()
+    counter = chat._processes[0]._busy_processes
+    assert counter is not None and counter.value == 0  # every process idle again
+
+
 def parse(*argv: str) -> WorkerConfig:
     import argparse
 

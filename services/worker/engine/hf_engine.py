@@ -28,6 +28,7 @@ from services.worker.engine.constraints import (
     SequenceConstraint,
     TokenMasker,
 )
+from services.worker.engine.cores import CoreShare
 from services.worker.engine.detokenizer import (
     IncrementalDetokenizer,
     byte_fallback_ids,
@@ -81,9 +82,12 @@ T = TypeVar("T")
 class HFEngine(Engine):
     """A transformers model served by one engine thread (see the module docstring)."""
 
-    def __init__(self, plan: LoadPlan, options: EngineOptions) -> None:
+    def __init__(
+        self, plan: LoadPlan, options: EngineOptions, cores: CoreShare | None = None
+    ) -> None:
         self._plan = plan
         self._options = options
+        self._cores = cores
         self._scheduler = Scheduler(options.max_running, options.max_waiting)
         self._loaded: LoadedModel | None = None
         self._thread: threading.Thread | None = None
@@ -461,6 +465,7 @@ class HFEngine(Engine):
             masker=self._masker,
             max_batch_tokens=self._options.max_batch_tokens,
             decode_special=decode_special,
+            cores=self._cores,
         )
         self._loaded = loaded
 

@@ -111,6 +111,11 @@ class Scheduler:
                 pass  # running (the engine thread retires it) or already gone
             self._cond.notify()
 
+    def has_work(self) -> bool:
+        """Whether sequences run or wait (cancelled ones not counted)."""
+        with self._cond:
+            return bool(self._waiting) or any(not s.cancelled for s in self._running)
+
     def load(self) -> LoadInfo:
         with self._cond:
             running = sum(1 for s in self._running if not s.cancelled)

@@ -21,6 +21,7 @@ import torch
 
 from services.common.errors import UnavailableError
 from services.worker.engine.constraints import TokenMasker
+from services.worker.engine.cores import CoreShare
 from services.worker.engine.interface import FinishReason, TokenLogprob, TopLogprob
 from services.worker.engine.runner import ForwardItem, ModelRunner
 from services.worker.engine.sampling import RowLogprobs, sample
@@ -55,8 +56,10 @@ class StepLoop:
         masker: TokenMasker | None,
         max_batch_tokens: int,
         decode_special: Callable[[Sequence[int]], str],
+        cores: CoreShare | None = None,
     ) -> None:
         self._scheduler = scheduler
+        self._cores = cores
         self._runner = runner
         self._masker = masker
         self._max_batch_tokens = max_batch_tokens
@@ -68,6 +71,8 @@ class StepLoop:
         """Steps until the engine stops, then ends what is left: queued jobs fail, sequences get
         a CANCELLED final chunk."""
         runner = self._runner
+        cores = self._cores
+        threads = torch.get_num_threads()
         while (work := self._scheduler.next_work()) is not None:
             if runner is not None:
                 for seq in work.retired:
@@ -76,6 +81,9 @@ class StepLoop:
                 job.run()
             if not work.running:
                 continue
+            if cores is not None:
+                cores.busy(self)
+                threads = cores.apply(threads)
             started = time.perf_counter()
             try:
                 self._step(work.running)
@@ -92,6 +100,10 @@ class StepLoop:
                         runner.release(seq)
                 self._deliver((seq, exc) for seq in work.running)
             self.counters.step_seconds += time.perf_counter() - started
+            if cores is not None and not self._scheduler.has_work():
+                cores.idle(self)
+        if cores is not None:
+            cores.idle(self)
         seqs, jobs = self._scheduler.take_all()
         for job in jobs:
             if job.future.set_running_or_notify_cancel():

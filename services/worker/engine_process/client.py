@@ -17,6 +17,7 @@ import multiprocessing.connection
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.common.errors import UnavailableError
 from services.common.logs import logging_settings
@@ -30,6 +31,9 @@ from services.worker.engine.interface import (
 from services.worker.engine.loading import EngineOptions, ModelSpec, usable_cores
 from services.worker.engine_process.host import run_child
 from services.worker.engine_process.pipe import Call, Op, Reply, ReplyBatch, ReplyKind, Value
+
+if TYPE_CHECKING:
+    from services.worker.engine.cores import SharedCounter
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +56,15 @@ class EngineProcessClient:
 
     Started by the first engine's start(); asked to exit once every engine has released it."""
 
-    def __init__(self, specs: Sequence[ModelSpec], options: EngineOptions) -> None:
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        options: EngineOptions,
+        busy_processes: SharedCounter | None = None,
+    ) -> None:
         self._specs = tuple(specs)
         self._options = options
+        self._busy_processes = busy_processes
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._send_lock = threading.Lock()
@@ -79,7 +89,13 @@ class EngineProcessClient:
         parent_end, child_end = context.Pipe(duplex=True)
         self._process = context.Process(
             target=run_child,
-            args=(child_end, self._specs, self._options, logging_settings()),
+            args=(
+                child_end,
+                self._specs,
+                self._options,
+                logging_settings(),
+                self._busy_processes,
+            ),
             name="chatfleet-engine",
             daemon=True,  # also ended by multiprocessing's exit hook if this process ends
         )

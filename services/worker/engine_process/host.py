@@ -17,12 +17,16 @@ import pickle
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from services.common.logs import configure_logging
 from services.common.request_id import bound_request_id
 from services.worker.engine.interface import Engine
 from services.worker.engine.loading import EngineOptions, ModelSpec
 from services.worker.engine_process.pipe import Call, Op, Reply, ReplyBatch, ReplyKind, Value
+
+if TYPE_CHECKING:
+    from services.worker.engine.cores import SharedCounter
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +36,12 @@ def run_child(
     specs: Sequence[ModelSpec],
     options: EngineOptions,
     log_settings: tuple[str, str],
+    busy_processes: SharedCounter | None = None,
 ) -> None:
     """The engine process: build the engines, serve the worker's calls until it says exit or goes
-    away, then leave without waiting for anything else (tokenizer threads included)."""
+    away, then leave without waiting for anything else (tokenizer threads included).
+    `busy_processes`: the counter the worker's replica processes share their cores by (cores.py),
+    None for a process that keeps its threads."""
     # The worker decides when to stop: a Ctrl-C or a SIGTERM to the process group must not
     # kill the engines under requests the worker is still draining.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -45,9 +52,14 @@ def run_child(
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
+    from services.worker.engine.cores import CoreShare
     from services.worker.engine.factory import create_engine
+    from services.worker.engine.loading import usable_cores
 
-    engines = [create_engine(spec, options) for spec in specs]
+    cores = None
+    if busy_processes is not None and options.threads is not None:
+        cores = CoreShare(busy_processes, options.threads, max(options.threads, usable_cores()))
+    engines = [create_engine(spec, options, cores) for spec in specs]
     host = EngineChildHost(conn, engines)
     orphaned = asyncio.run(host.run())
     logging.shutdown()

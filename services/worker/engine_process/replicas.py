@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import multiprocessing
 import zlib
 from collections.abc import AsyncIterator, Sequence
 
@@ -27,7 +28,13 @@ from services.worker.engine.interface import (
     ModelDescription,
     Prompt,
 )
-from services.worker.engine.loading import EngineOptions, ModelKind, ModelSpec, plan_load
+from services.worker.engine.loading import (
+    EngineOptions,
+    ModelKind,
+    ModelSpec,
+    plan_load,
+    resolve_device,
+)
 from services.worker.engine_process.client import EngineProcessClient
 from services.worker.engine_process.pipe import Op
 from services.worker.engine_process.sizing import auto_replicas, replica_options
@@ -50,7 +57,12 @@ def create_process_engines(
         replicas = auto_replicas(specs, options)
     share = replica_options(options, replicas)
     descriptions = [_planned_description(spec, share) for spec in specs]
-    processes = [EngineProcessClient(specs, share) for _ in range(replicas)]
+    # CPU replicas sized here (no --threads) lend their cores to a lone busy one (cores.py).
+    busy_processes = None
+    if replicas > 1 and options.threads is None and share.threads is not None:
+        if resolve_device(options.device).type == "cpu":
+            busy_processes = multiprocessing.get_context("spawn").Value("i", 0)
+    processes = [EngineProcessClient(specs, share, busy_processes) for _ in range(replicas)]
     return [ReplicaPool(processes, i, d, share.max_running) for i, d in enumerate(descriptions)]
 
 
