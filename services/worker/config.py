@@ -350,8 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         default=None,
         type=int,
         help="torch intra-op threads of each engine process (default: the usable cores shared "
-        "by the engine processes; usable cores minus one with --no-engine-process); giving it "
-        "makes --engine-replicas auto choose one process",
+        "by the engine processes, a lone busy one taking them all; usable cores minus one with "
+        "--no-engine-process); giving it makes --engine-replicas auto choose one process",
     )
     flags.add(
         "--max-batch-tokens",

@@ -30,7 +30,8 @@ def auto_replicas(specs: Sequence[ModelSpec], options: EngineOptions) -> int:
     run a little slower (bench/README.md: 261 tok/s against 176 on 16 streams, 2 cores). Capped
     so the replicas' weights stay under a quarter of the machine's memory: large models get one
     process. On a GPU one process: the device is the engine, and replicas would split its memory.
-    An explicit --threads also means one process with that many threads."""
+    An explicit --threads also means one process with that many threads. A replica that is the
+    only one with work borrows the idle ones' cores (engine/cores.py)."""
     cores = usable_cores()
     if options.threads is not None or cores == 1 or resolve_device(options.device).type != "cpu":
         return 1
