@@ -52,13 +52,19 @@ def attend(
     return kernel(q, k, v, torch.tensor(rows), torch.tensor(positions), HEAD_DIM**-0.5, scores)
 
 
-@pytest.mark.parametrize(
-    ("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"]
-)
+# Queries and caches in one dtype, or float32 queries over a bf16 cache (the served bf16 modes).
+DTYPES = [
+    pytest.param(torch.float32, torch.float32, 1e-5, id="f32"),
+    pytest.param(torch.bfloat16, torch.bfloat16, 2e-2, id="bf16"),
+    pytest.param(torch.float32, torch.bfloat16, 1e-2, id="f32-over-bf16"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "kv_dtype", "tolerance"), DTYPES)
 def test_matches_softmax_attention_over_each_rows_own_keys(
-    kernel: CpuAttention, dtype: torch.dtype, tolerance: float
+    kernel: CpuAttention, dtype: torch.dtype, kv_dtype: torch.dtype, tolerance: float
 ) -> None:
-    k, v = caches(dtype)
+    k, v = caches(kv_dtype)
     rng = random.Random(2)
     # Positions around the kernel's 16-lane blocks, and the last position of the capacity.
     positions = [0, 1, 14, 15, 16, 17, 40, CAPACITY - 1]
@@ -71,11 +77,11 @@ def test_matches_softmax_attention_over_each_rows_own_keys(
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(("dtype", "kv_dtype", "tolerance"), DTYPES)
 def test_a_row_is_the_same_bit_for_bit_in_any_call(
-    kernel: CpuAttention, dtype: torch.dtype
+    kernel: CpuAttention, dtype: torch.dtype, kv_dtype: torch.dtype, tolerance: float
 ) -> None:
-    k, v = caches(dtype)
+    k, v = caches(kv_dtype)
     rng = random.Random(3)
     n = 40
     rows = [rng.randrange(ROWS) for _ in range(n)]
@@ -96,6 +102,8 @@ def test_a_row_is_the_same_bit_for_bit_in_any_call(
 
 def test_shapes_it_does_not_take_are_refused_up_front() -> None:
     assert CpuAttention.supports(torch.bfloat16, 9, 3, 64)
+    assert CpuAttention.supports(torch.float32, 9, 3, 64, torch.bfloat16)
+    assert not CpuAttention.supports(torch.float32, 9, 3, 64, torch.float16)
     assert not CpuAttention.supports(torch.float16, 9, 3, 64)  # no float16 arithmetic
     assert not CpuAttention.supports(torch.float32, 9, 3, 72)  # not a multiple of 16 lanes
     assert not CpuAttention.supports(torch.float32, 8, 3, 64)  # heads not a multiple

@@ -44,15 +44,24 @@ class CpuAttention:
         pointer, int64 = ctypes.c_void_p, ctypes.c_int64
         function.argtypes = [
             pointer, int64, pointer, pointer, pointer, int64, pointer, pointer,
-            int64, int64, int64, int64, int64, ctypes.c_float, ctypes.c_int, pointer,
+            int64, int64, int64, int64, int64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+            pointer,
         ]  # fmt: skip
         function.restype = ctypes.c_int
         self._function = function
 
     @staticmethod
-    def supports(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    def supports(
+        dtype: torch.dtype,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        kv_dtype: torch.dtype | None = None,
+    ) -> bool:
+        """Queries in `dtype`, keys and values in `kv_dtype` (None: the same)."""
         return (
             dtype in _DTYPES
+            and (kv_dtype or dtype) in _DTYPES
             and heads % kv_heads == 0
             and heads // kv_heads <= MAX_GROUP
             and head_dim <= MAX_HEAD_DIM
@@ -70,8 +79,10 @@ class CpuAttention:
         scores: torch.Tensor,
     ) -> torch.Tensor:
         """Attention of the query rows q [N, heads, head_dim], token i at positions[i] of cache
-        row rows[i], over keys [0, positions[i]] of caches [rows, kv_heads, capacity, head_dim].
-        `scores` is float32 scratch of at least `scores_needed` floats."""
+        row rows[i], over keys [0, positions[i]] of caches [rows, kv_heads, capacity, head_dim],
+        in q's dtype (the caches may be bf16 under float32 queries: rounding the queries too
+        changes a small model's answers). `scores` is float32 scratch of at least
+        `scores_needed` floats."""
         n, heads, head_dim = q.shape
         _, kv_heads, capacity, _ = cache_k.shape
         if q.stride(2) != 1 or q.stride(1) != head_dim:
@@ -79,11 +90,12 @@ class CpuAttention:
         for tensor in (cache_k, cache_v, rows, positions, scores):
             assert tensor.is_contiguous() and tensor.device.type == "cpu"
         assert rows.dtype == positions.dtype == torch.int64 and len(rows) == len(positions) == n
+        assert cache_k.dtype == cache_v.dtype
         out = torch.empty((n, heads, head_dim), dtype=q.dtype)
         status = self._function(
             q.data_ptr(), q.stride(0), cache_k.data_ptr(), cache_v.data_ptr(), out.data_ptr(),
             out.stride(0), rows.data_ptr(), positions.data_ptr(), n, heads, kv_heads, head_dim,
-            capacity, scale, _DTYPES[q.dtype], scores.data_ptr(),
+            capacity, scale, _DTYPES[q.dtype], _DTYPES[cache_k.dtype], scores.data_ptr(),
         )  # fmt: skip
         if status != 0:
             raise ValueError(f"attention kernel refused shapes {tuple(q.shape)} / {kv_heads}")

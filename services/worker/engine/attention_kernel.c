@@ -12,10 +12,12 @@
  * combined in a fixed tree, and exp is a fixed polynomial. float32 rows are bit-exact across
  * machines too.
  *
- * dtype 0: float32 tensors; 1: bfloat16, float32 arithmetic and output rounded to nearest even.
- * On CPUs with AVX512-BF16, bf16 rows take its dot-product instruction instead (score_bf16_dot,
- * weigh_bf16_dot): several times fewer instructions, still one fixed order per row, but their
- * last bits differ from other CPUs'.
+ * Queries (and the output) and the caches each float32 or bfloat16 (q_bf16, kv_bf16): float32
+ * arithmetic, bf16 output rounded to nearest even. On CPUs with AVX512-BF16 its dot-product
+ * instruction scores bf16 queries over bf16 keys (score_bf16_dot) and weighs bf16 values
+ * (weigh_bf16_dot): several times fewer instructions, still one fixed order per row, but their
+ * last bits differ from other CPUs'. (The served bf16 modes keep float32 queries over a bf16
+ * cache: bf16 queries changed the default model's answers.)
  */
 #include <stdint.h>
 #include <string.h>
@@ -237,13 +239,16 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
                         const void *v_cache, void *out, int64_t out_row_stride,
                         const int64_t *cache_rows, const int64_t *positions, int64_t n,
                         int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
-                        float scale, int bf16, float *scores) {
+                        float scale, int q_bf16, int kv_bf16, float *scores) {
     if (kv_heads < 1 || heads % kv_heads != 0) return -1;
     const int64_t group = heads / kv_heads, chunks = head_dim / LANES;
     if (head_dim % LANES != 0 || head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
     vfloat qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS];
 #ifdef BF16_DOT
-    const int dot = bf16 && head_dim % 32 == 0;
+    /* vdpbf16ps takes bf16 on both sides: scores so only for bf16 queries; weights (rounded to
+     * bf16) whenever the values are bf16. */
+    const int dot_scores = q_bf16 && kv_bf16 && head_dim % 32 == 0;
+    const int dot_weights = kv_bf16 && head_dim % 32 == 0;
 #endif
     for (int64_t i = 0; i < n; i++) {
         const int64_t length = positions[i] + 1;
@@ -252,16 +257,16 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
             const int64_t cache_offset = ((cache_rows[i] * kv_heads + g) * capacity) * head_dim;
             for (int64_t h = 0; h < group; h++)
                 for (int64_t c = 0; c < chunks; c++)
-                    qv[h][c] = load_vector(q, i * q_row_stride + (g * group + h) * head_dim + c * LANES, bf16);
+                    qv[h][c] = load_vector(q, i * q_row_stride + (g * group + h) * head_dim + c * LANES, q_bf16);
 #ifdef BF16_DOT
-            if (dot)
+            if (dot_scores)
                 score_bf16_dot((const uint16_t *)q + i * q_row_stride + g * group * head_dim,
                                (const uint16_t *)k_cache + cache_offset, group, head_dim, length,
                                padded, scale, scores);
             else
 #endif
                 score_float(qv, k_cache, cache_offset, group, chunks, head_dim, length, padded,
-                            scale, bf16, scores);
+                            scale, kv_bf16, scores);
             float total[MAX_GROUP];
             for (int64_t h = 0; h < group; h++) {
                 float *s = scores + h * padded;
@@ -287,7 +292,7 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
                 for (int64_t c = 0; c < chunks; c++) acc[h][c] = splat(0.0f);
             }
 #ifdef BF16_DOT
-            if (dot) {
+            if (dot_weights) {
                 for (int64_t h = 0; h < group; h++)
                     total[h] = round_weights(scores + h * padded, padded);
                 weigh_bf16_dot((const uint16_t *)v_cache + cache_offset, scores, group, head_dim,
@@ -296,7 +301,7 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
 #endif
             for (int64_t j = 0; j < length; j++) {
                 for (int64_t c = 0; c < chunks; c++)
-                    kv[c] = load_vector(v_cache, cache_offset + j * head_dim + c * LANES, bf16);
+                    kv[c] = load_vector(v_cache, cache_offset + j * head_dim + c * LANES, kv_bf16);
                 for (int64_t h = 0; h < group; h++) {
                     const vfloat p = splat(scores[h * padded + j]);
                     for (int64_t c = 0; c < chunks; c++) acc[h][c] = acc[h][c] + p * kv[c];
@@ -309,7 +314,7 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
                     float values[LANES];
                     const vfloat o = acc[h][c] * inverse;
                     memcpy(values, &o, sizeof values);
-                    if (bf16) {
+                    if (q_bf16) {
                         uint16_t *dst = (uint16_t *)out + offset + c * LANES;
                         for (int l = 0; l < LANES; l++) dst[l] = float_to_bf16(values[l]);
                     } else {

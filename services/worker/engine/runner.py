@@ -229,7 +229,7 @@ class PackedRunner(ModelRunner):
             attention_kernel
             and self.device.type == "cpu"
             and CpuAttention.supports(
-                self.kv_dtype, self.num_heads, self.num_kv_heads, self.head_dim
+                self.dtype, self.num_heads, self.num_kv_heads, self.head_dim, self.kv_dtype
             )
         ):
             self._attention = load_cpu_attention()
@@ -403,10 +403,9 @@ class PackedRunner(ModelRunner):
                 qk = qk * cos + _flip_halves(qk) * signed_sin
                 q, k = qk[:, :heads], qk[:, heads:]
             cache_k, cache_v = self._k[index], self._v[index]
-            if q.dtype != self.kv_dtype:
-                q, k, v = q.to(self.kv_dtype), k.to(self.kv_dtype), v.to(self.kv_dtype)
-            cache_k[row_t, :, position_t] = k
-            cache_v[row_t, :, position_t] = v
+            # Queries keep the model's dtype: rounding them to a bf16 cache's changes answers.
+            cache_k[row_t, :, position_t] = k.to(self.kv_dtype)
+            cache_v[row_t, :, position_t] = v.to(self.kv_dtype)
             if kernel is not None:
                 out = kernel(q, cache_k, cache_v, row_t, position_t, self.scaling, self._scores)
             else:
@@ -415,8 +414,8 @@ class PackedRunner(ModelRunner):
                 query = q[group.start : group.end] if group.take is None else q[group.take]
                 attended = F.scaled_dot_product_attention(
                     query.transpose(0, 1)[None],
-                    cache_k[group.row : group.row + 1, :, : group.length],
-                    cache_v[group.row : group.row + 1, :, : group.length],
+                    cache_k[group.row : group.row + 1, :, : group.length].to(q.dtype),
+                    cache_v[group.row : group.row + 1, :, : group.length].to(q.dtype),
                     attn_mask=group.mask,
                     scale=self.scaling,
                     enable_gqa=True,
@@ -424,8 +423,7 @@ class PackedRunner(ModelRunner):
                 out[group.start : group.end] = attended[0, :, : group.end - group.start].transpose(
                     0, 1
                 )
-            out = out.reshape(len(tokens), -1).to(self.dtype)
-            hidden = hidden + _linear(attn.o_proj, out, split)
+            hidden = hidden + _linear(attn.o_proj, out.reshape(len(tokens), -1), split)
             mlp = layer.mlp
             gate, up = _linear(
                 self._gate_up[index], _rms_norm(layer.post_attention_layernorm, hidden), split
