@@ -27,10 +27,6 @@ def plain(text: str) -> str:
     return _ANSI.sub("", text).replace("\r", "")
 
 
-def _take_terminal() -> None:
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
 class PtySession:
     """One child process whose stdin, stdout and stderr are a terminal 100 columns wide."""
 
@@ -40,15 +36,16 @@ class PtySession:
         environ = dict(os.environ if env is None else env)
         environ.update({"TERM": "xterm-256color", "COLUMNS": "100", "LINES": "40"})
         environ.pop("NO_COLOR", None)
+        # util-linux's setsid starts a session and makes the pty its controlling terminal, so
+        # Ctrl-C sends SIGINT to the child, then execs the command (same pid). Not preexec_fn:
+        # that forces a plain fork(), which runs gRPC's fork handlers while this test process's
+        # gRPC threads are busy (the child then hung); without it subprocess uses vfork.
         self.process = subprocess.Popen(
-            list(argv),
+            ["setsid", "--ctty", *argv],
             stdin=slave,
             stdout=slave,
             stderr=slave,
             env=environ,
-            start_new_session=True,
-            # The pty becomes the controlling terminal, so Ctrl-C sends SIGINT to the child.
-            preexec_fn=_take_terminal,
         )
         os.close(slave)  # the child holds it now; reads see EIO once it exits
         self.master = master
