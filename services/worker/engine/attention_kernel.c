@@ -244,29 +244,31 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
     const int64_t group = heads / kv_heads, chunks = head_dim / LANES;
     if (head_dim % LANES != 0 || head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
     vfloat qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS];
-#ifdef BF16_DOT
     /* vdpbf16ps takes bf16 on both sides: scores so only for bf16 queries; weights (rounded to
      * bf16) whenever the values are bf16. */
-    const int dot_scores = q_bf16 && kv_bf16 && head_dim % 32 == 0;
-    const int dot_weights = kv_bf16 && head_dim % 32 == 0;
+    int dot_scores = 0, dot_weights = 0;
+#ifdef BF16_DOT
+    dot_scores = q_bf16 && kv_bf16 && head_dim % 32 == 0;
+    dot_weights = kv_bf16 && head_dim % 32 == 0;
 #endif
     for (int64_t i = 0; i < n; i++) {
         const int64_t length = positions[i] + 1;
         const int64_t padded = (length + LANES - 1) / LANES * LANES;
         for (int64_t g = 0; g < kv_heads; g++) {
             const int64_t cache_offset = ((cache_rows[i] * kv_heads + g) * capacity) * head_dim;
-            for (int64_t h = 0; h < group; h++)
-                for (int64_t c = 0; c < chunks; c++)
-                    qv[h][c] = load_vector(q, i * q_row_stride + (g * group + h) * head_dim + c * LANES, q_bf16);
+            if (!dot_scores) {
+                for (int64_t h = 0; h < group; h++)
+                    for (int64_t c = 0; c < chunks; c++)
+                        qv[h][c] = load_vector(q, i * q_row_stride + (g * group + h) * head_dim + c * LANES, q_bf16);
+                score_float(qv, k_cache, cache_offset, group, chunks, head_dim, length, padded,
+                            scale, kv_bf16, scores);
+            }
 #ifdef BF16_DOT
-            if (dot_scores)
+            else
                 score_bf16_dot((const uint16_t *)q + i * q_row_stride + g * group * head_dim,
                                (const uint16_t *)k_cache + cache_offset, group, head_dim, length,
                                padded, scale, scores);
-            else
 #endif
-                score_float(qv, k_cache, cache_offset, group, chunks, head_dim, length, padded,
-                            scale, kv_bf16, scores);
             float total[MAX_GROUP];
             for (int64_t h = 0; h < group; h++) {
                 float *s = scores + h * padded;

@@ -72,7 +72,7 @@ class StepLoop:
         a CANCELLED final chunk."""
         runner = self._runner
         cores = self._cores
-        threads = torch.get_num_threads()
+        threads, busy = torch.get_num_threads(), False
         while (work := self._scheduler.next_work()) is not None:
             if runner is not None:
                 for seq in work.retired:
@@ -82,7 +82,9 @@ class StepLoop:
             if not work.running:
                 continue
             if cores is not None:
-                cores.busy(self)
+                if not busy:
+                    cores.busy(self)
+                    busy = True
                 threads = cores.apply(threads)
             started = time.perf_counter()
             try:
@@ -100,9 +102,10 @@ class StepLoop:
                         runner.release(seq)
                 self._deliver((seq, exc) for seq in work.running)
             self.counters.step_seconds += time.perf_counter() - started
-            if cores is not None and not self._scheduler.has_work():
+            if cores is not None and busy and not self._scheduler.has_work():
                 cores.idle(self)
-        if cores is not None:
+                busy = False
+        if cores is not None and busy:
             cores.idle(self)
         seqs, jobs = self._scheduler.take_all()
         for job in jobs:

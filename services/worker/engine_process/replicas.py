@@ -59,9 +59,8 @@ def create_process_engines(
     descriptions = [_planned_description(spec, share) for spec in specs]
     # CPU replicas sized here (no --threads) lend their cores to a lone busy one (cores.py).
     busy_processes = None
-    if replicas > 1 and options.threads is None and share.threads is not None:
-        if resolve_device(options.device).type == "cpu":
-            busy_processes = multiprocessing.get_context("spawn").Value("i", 0)
+    if replicas > 1 and options.threads is None and resolve_device(options.device).type == "cpu":
+        busy_processes = multiprocessing.get_context("spawn").Value("i", 0)
     processes = [EngineProcessClient(specs, share, busy_processes) for _ in range(replicas)]
     return [ReplicaPool(processes, i, d, share.max_running) for i, d in enumerate(descriptions)]
 
