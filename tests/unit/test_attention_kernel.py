@@ -7,8 +7,15 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from services.worker.engine.attention import CpuAttention, load_cpu_attention, scores_needed
+from services.worker.engine.attention import (
+    CpuAttention,
+    LayerGlue,
+    load_cpu_attention,
+    load_layer_glue,
+    scores_needed,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, CAPACITY, ROWS = 6, 2, 32, 96, 3
 
@@ -109,3 +116,79 @@ def test_shapes_it_does_not_take_are_refused_up_front() -> None:
     assert not CpuAttention.supports(torch.float32, 8, 3, 64)  # heads not a multiple
     assert not CpuAttention.supports(torch.float32, 64, 2, 64)  # 32 heads per group
     assert not CpuAttention.supports(torch.float32, 4, 1, 512)  # head_dim over 256
+
+
+# -- the layer glue (the runner's fused path for bf16 products over a bf16 cache) -------------
+
+
+@pytest.fixture(scope="module")
+def glue() -> LayerGlue:
+    built = load_layer_glue()
+    assert built is not None, "the kernels did not build (is a C compiler on PATH?)"
+    return built
+
+
+def bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> int:
+    """The largest distance between two bf16 tensors in units in the last place."""
+    a, b = got.view(torch.int16).int(), want.view(torch.int16).int()
+    return int((a - b).abs().max())
+
+
+def test_add_rms_norm_adds_in_place_and_normalizes_like_transformers(glue: LayerGlue) -> None:
+    torch.manual_seed(4)
+    hidden = torch.randn(5, 64) * 3
+    delta = torch.randn(5, 64).to(torch.bfloat16)
+    weight = torch.rand(64) + 0.5
+    summed = hidden + delta.float()
+    want = F.rms_norm(summed, (64,), weight, 1e-5).to(torch.bfloat16)
+    out = torch.empty(5, 64, dtype=torch.bfloat16)
+    glue.add_rms_norm(hidden, delta, weight, 1e-5, out)
+    assert torch.equal(hidden, summed)  # the residual sum is exact: one rounding each way
+    assert bf16_ulps(out, want) <= 1  # the mean's sum runs in another order
+    glue.add_rms_norm(hidden, None, weight, 1e-5, out)  # no delta: the norm alone
+    assert torch.equal(hidden, summed) and bf16_ulps(out, want) <= 1
+
+
+def test_silu_mul_gates_like_transformers(glue: LayerGlue) -> None:
+    torch.manual_seed(5)
+    gate_up = (torch.randn(3, 2 * 48) * 4).to(torch.bfloat16)
+    gate_up[0, :4] = torch.tensor([0.0, -0.0, -100.0, 100.0])  # zero, and the exp's far ends
+    gate, up = gate_up.float().split(48, dim=-1)
+    want = (F.silu(gate) * up).to(torch.bfloat16)
+    out = glue.silu_mul(gate_up, torch.empty(3, 48, dtype=torch.bfloat16))
+    assert bf16_ulps(out, want) <= 1
+
+
+def test_rope_attention_is_the_torch_paths_rotation_cache_writes_and_attention(
+    kernel: CpuAttention, glue: LayerGlue
+) -> None:
+    """Bit for bit: the runner's torch path rotates q and k in float32, rounds keys and values
+    to the bf16 cache, attends with float32 queries and rounds the output to bf16."""
+    torch.manual_seed(6)
+    n, half = 7, HEAD_DIM // 2
+    rows = torch.tensor([0, 2, 2, 2, 1, 0, 1])
+    positions = torch.tensor([5, 30, 31, 32, 0, 6, 95])
+    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    qkv = torch.randn(n, width).to(torch.bfloat16)
+    angles = positions[:, None].float() * torch.rand(half)
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+    k_fused, v_fused = caches(torch.bfloat16)
+    k_torch, v_torch = k_fused.clone(), v_fused.clone()
+    scores = torch.empty(scores_needed(HEADS, KV_HEADS, CAPACITY - 1))
+
+    qk = qkv.float()[:, : (HEADS + KV_HEADS) * HEAD_DIM].unflatten(-1, (HEADS + KV_HEADS, -1))
+    flipped = qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None]
+    rotated = qk * cos[:, None] + flipped * signed_sin
+    v = qkv.float()[:, (HEADS + KV_HEADS) * HEAD_DIM :].unflatten(-1, (KV_HEADS, -1))
+    k_torch[rows, :, positions] = rotated[:, HEADS:].to(torch.bfloat16)
+    v_torch[rows, :, positions] = v.to(torch.bfloat16)
+    want = kernel(rotated[:, :HEADS], k_torch, v_torch, rows, positions, 0.125, scores)
+
+    out = torch.empty(n, HEADS * HEAD_DIM, dtype=torch.bfloat16)
+    queries = torch.empty(n, HEADS * HEAD_DIM)
+    glue.rope_attention(
+        qkv, cos, sin, k_fused, v_fused, rows, positions, 0.125, HEADS, queries, scores, out
+    )
+    assert torch.equal(k_fused, k_torch) and torch.equal(v_fused, v_torch)
+    assert torch.equal(out, want.to(torch.bfloat16).flatten(1))

@@ -201,17 +201,26 @@ def test_all_logits_items_return_every_position(kind: str) -> None:
 @pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
 )
-@pytest.mark.parametrize("attention_kernel", [True, False], ids=["kernel", "sdpa"])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["kv32", "kv16"])
+@pytest.mark.parametrize(
+    ("attention_kernel", "kv_dtype", "fused_layers"),
+    [
+        pytest.param(True, torch.float32, False, id="kernel-kv32"),
+        pytest.param(True, torch.bfloat16, True, id="kernel-kv16-fused"),
+        pytest.param(True, torch.bfloat16, False, id="kernel-kv16"),
+        pytest.param(False, torch.float32, False, id="sdpa-kv32"),
+        pytest.param(False, torch.bfloat16, False, id="sdpa-kv16"),
+    ],
+)
 def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode(
-    attention_kernel: bool, kv_dtype: torch.dtype
+    attention_kernel: bool, kv_dtype: torch.dtype, fused_layers: bool
 ) -> None:
     """With bf16 layers (the served default on AMX CPUs), the logits after a prompt are equal bit
     for bit whether it is prefilled whole, in chunks of any size (1 and 2 included), or decoded
     token by token, alone or beside other sequences: oneDNN's bf16 products compute each row
     alike for any number of rows, and attention computes each row alike (attention_kernel.c)
     or runs per block (runner._attention_groups); with keys and values in float32 or in bf16
-    (as the served approximate modes keep them).
+    (as the served approximate modes keep them), the layers' glue in torch or compiled (the
+    fused path, bf16 cache only).
     (float32 products are not row-invariant in MKL, which picks its kernel by the row count; the
     float32 path is checked against generate's greedy tokens instead.)"""
     from services.worker.engine.quantization import quantize
@@ -228,7 +237,9 @@ def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode
             max_cache_tokens=4096,
             attention_kernel=attention_kernel,
             kv_dtype=kv_dtype,
+            fused_layers=fused_layers,
         )
+        assert runner.fused_layers == fused_layers
         start = 0
         logits = torch.empty(0)
         for size in chunks:
@@ -293,3 +304,55 @@ def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recom
             assert torch.equal(got, decoded), (chunks, neighbour)
     # The same tokens as one long prompt take the bf16 kernel everywhere: another rounding.
     assert not torch.equal(last_logits([33], neighbour=False, prompt_length=None), decoded)
+
+
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
+)
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fused_layers_compute_what_the_torch_path_does_up_to_the_norms_rounding(
+    kind: str,
+) -> None:
+    """The compiled glue between bf16 products (rotary positions, cache writes, attention, norms,
+    activation) gives the torch path's logits within the last bits its norms and activation
+    round otherwise, prefilling and decoding several sequences at once."""
+    from services.worker.engine.quantization import quantize
+
+    model = quantize(tiny(kind), "bf16")
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (19, 40, 7)]
+
+    def logits(fused: bool) -> list[torch.Tensor]:
+        runner = PackedRunner(model, 4, 4096, kv_dtype=torch.bfloat16, fused_layers=fused)
+        assert runner.fused_layers == fused
+        steps = [runner.forward([ForwardItem(i, p, 0, True) for i, p in enumerate(prompts)])]
+        for extra in range(3):  # decode the same tokens for both paths
+            items = [
+                ForwardItem(i, [5 + extra], len(p) + extra, True) for i, p in enumerate(prompts)
+            ]
+            steps.append(runner.forward(items))
+        return steps
+
+    with torch.inference_mode():
+        fused, plain = logits(True), logits(False)
+    for got, want in zip(fused, plain, strict=True):
+        assert got.shape == want.shape == (3, VOCAB)
+        # Logits of about +-0.5 here (equal bit for bit when this was written: the bf16 rounding
+        # after each norm hides their float32 differences).
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=0)
+        assert float(want.abs().max()) > 0.1
+
+
+def test_fused_layers_only_where_the_glue_computes_the_model() -> None:
+    """float32 layers, int4's split layers or a float32 cache keep the torch path."""
+    from services.worker.engine.quantization import quantize
+
+    assert not PackedRunner(tiny("llama"), 4, 4096, kv_dtype=torch.bfloat16).fused_layers
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        bf16 = quantize(tiny("llama"), "bf16")
+        assert not PackedRunner(bf16, 4, 4096).fused_layers  # float32 cache
+        assert not PackedRunner(
+            bf16, 4, 4096, kv_dtype=torch.bfloat16, attention_kernel=False
+        ).fused_layers
+        int4 = quantize(tiny("llama"), "int4")
+        assert not PackedRunner(int4, 4, 4096, kv_dtype=torch.bfloat16).fused_layers

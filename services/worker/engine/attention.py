@@ -107,14 +107,101 @@ def scores_needed(heads: int, kv_heads: int, max_position: int) -> int:
     return heads // kv_heads * -(-(max_position + 1) // LANES) * LANES
 
 
+class LayerGlue:
+    """attention_kernel.c's glue between bf16 linear layers (its last section): for the
+    runner's fused path, bf16 products with float32 activations and a bf16 KV cache."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        pointer, int64, c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        self._norm = library.chatfleet_add_rms_norm
+        self._norm.argtypes = [pointer, pointer, int64, int64, pointer, c_float, pointer]
+        self._norm.restype = None
+        self._silu = library.chatfleet_silu_mul
+        self._silu.argtypes = [pointer, int64, int64, pointer]
+        self._silu.restype = None
+        self._rope = library.chatfleet_rope_attention
+        self._rope.argtypes = [
+            pointer, int64, pointer, pointer, pointer, pointer, pointer, pointer,
+            int64, int64, int64, int64, c_float, pointer, pointer, pointer,
+        ]  # fmt: skip
+        self._rope.restype = ctypes.c_int
+
+    @staticmethod
+    def supports(hidden: int, intermediate: int, head_dim: int) -> bool:
+        return hidden % LANES == 0 and intermediate % LANES == 0 and head_dim % LANES == 0
+
+    def add_rms_norm(
+        self,
+        hidden: torch.Tensor,
+        delta: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden [n, d] float32 += delta (bf16, or None) in place; out [n, d] bf16 = the RMS
+        norm of the sum times `weight` (float32)."""
+        n, d = hidden.shape
+        delta_pointer = None if delta is None else delta.data_ptr()
+        self._norm(hidden.data_ptr(), delta_pointer, n, d, weight.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [n, w] bf16 = silu(gate) * up of gate_up [n, 2w] = [gate | up] (bf16)."""
+        n, width = out.shape
+        self._silu(gate_up.data_ptr(), n, width, out.data_ptr())
+        return out
+
+    def rope_attention(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        scale: float,
+        heads: int,
+        q_scratch: torch.Tensor,
+        scores: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """The attention of one layer from its q/k/v product qkv [n, (heads + 2 kv_heads) *
+        head_dim] (bf16): rotary positions (cos, sin [n, head_dim] float32), keys and values
+        written to the bf16 caches at (rows[i], positions[i]), then out [n, heads * head_dim]
+        (bf16). q_scratch: float32 [n, heads * head_dim]; scores as for CpuAttention."""
+        n = len(qkv)
+        _, kv_heads, capacity, head_dim = cache_k.shape
+        status = self._rope(
+            qkv.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), cache_k.data_ptr(),
+            cache_v.data_ptr(), rows.data_ptr(), positions.data_ptr(), heads, kv_heads, head_dim,
+            capacity, scale, q_scratch.data_ptr(), scores.data_ptr(), out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"attention kernel refused {heads} heads / {kv_heads} x {head_dim}")
+        return out
+
+
 @functools.cache
-def load_cpu_attention() -> CpuAttention | None:
-    """The compiled kernel, or None (logged once) where it cannot be built."""
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (logged once) where they cannot be built."""
     try:
-        return CpuAttention(ctypes.CDLL(str(_build())))
+        return ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError) as exc:
         logger.warning("no compiled attention kernel (%s): attention runs per block in SDPA", exc)
         return None
+
+
+def load_cpu_attention() -> CpuAttention | None:
+    """The compiled attention kernel, or None where it cannot be built."""
+    library = _library()
+    return None if library is None else CpuAttention(library)
+
+
+def load_layer_glue() -> LayerGlue | None:
+    """The compiled layer glue, or None where it cannot be built."""
+    library = _library()
+    return None if library is None else LayerGlue(library)
 
 
 def _build() -> Path:

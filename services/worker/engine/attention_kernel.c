@@ -235,11 +235,11 @@ static void weigh_bf16_dot(const uint16_t *v_cache, const float *scores, int64_t
 /* Returns 0, or -1 for shapes the kernel does not take (the caller checks first). `scores`
  * holds group * (max position + 1 rounded up to LANES) floats. Query and output rows are
  * [heads, head_dim], the caches [rows, kv_heads, capacity, head_dim]; strides in elements. */
-int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache,
-                        const void *v_cache, void *out, int64_t out_row_stride,
-                        const int64_t *cache_rows, const int64_t *positions, int64_t n,
-                        int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
-                        float scale, int q_bf16, int kv_bf16, float *scores) {
+static int attend(const void *q, int64_t q_row_stride, const void *k_cache, const void *v_cache,
+                  void *out, int64_t out_row_stride, const int64_t *cache_rows,
+                  const int64_t *positions, int64_t n, int64_t heads, int64_t kv_heads,
+                  int64_t head_dim, int64_t capacity, float scale, int q_bf16, int kv_bf16,
+                  int out_bf16, float *scores) {
     if (kv_heads < 1 || heads % kv_heads != 0) return -1;
     const int64_t group = heads / kv_heads, chunks = head_dim / LANES;
     if (head_dim % LANES != 0 || head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
@@ -316,7 +316,7 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
                     float values[LANES];
                     const vfloat o = acc[h][c] * inverse;
                     memcpy(values, &o, sizeof values);
-                    if (q_bf16) {
+                    if (out_bf16) {
                         uint16_t *dst = (uint16_t *)out + offset + c * LANES;
                         for (int l = 0; l < LANES; l++) dst[l] = float_to_bf16(values[l]);
                     } else {
@@ -327,4 +327,104 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
         }
     }
     return 0;
+}
+
+/* The output in the queries' dtype. */
+int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache,
+                        const void *v_cache, void *out, int64_t out_row_stride,
+                        const int64_t *cache_rows, const int64_t *positions, int64_t n,
+                        int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
+                        float scale, int q_bf16, int kv_bf16, float *scores) {
+    return attend(q, q_row_stride, k_cache, v_cache, out, out_row_stride, cache_rows, positions,
+                  n, heads, kv_heads, head_dim, capacity, scale, q_bf16, kv_bf16, q_bf16, scores);
+}
+
+/* ---- The glue between bf16 linear layers (runner.py's fused path) -----------------------------
+ *
+ * With bf16 products, a decoder layer is four oneDNN calls and, between them, some thirty small
+ * torch operations on a few rows (norms, rotary positions, cache writes, dtype conversions, the
+ * activation): on a CPU decoding a few sequences, as long as the products themselves. These
+ * functions do that glue in three calls a layer, each row on its own in a fixed order (so still
+ * batch-invariant). Activations between layers stay float32; products take and give bf16. */
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* For each of n rows of width d (a multiple of LANES): hidden += delta (bf16; NULL: nothing),
+ * then out = bf16(weight * (hidden * 1 / sqrt(mean(hidden^2) + eps))), as transformers' Llama
+ * RMSNorm orders it (its mean's sum in another order: last bits differ from torch's). */
+void chatfleet_add_rms_norm(float *hidden, const uint16_t *delta, int64_t n, int64_t d,
+                            const float *weight, float eps, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        float *x = hidden + i * d;
+        if (delta)
+            for (int64_t j = 0; j < d; j++) x[j] = x[j] + bf16_to_float(delta[i * d + j]);
+        vfloat squares = splat(0.0f);
+        for (int64_t j = 0; j < d; j += LANES) {
+            vfloat v;
+            memcpy(&v, x + j, sizeof v);
+            squares = squares + v * v;
+        }
+        const float inverse = 1.0f / __builtin_sqrtf(lane_sum(squares) / (float)d + eps);
+        for (int64_t j = 0; j < d; j++) out[i * d + j] = float_to_bf16(weight[j] * (x[j] * inverse));
+    }
+}
+
+/* out = bf16(silu(gate) * up) for n rows of gate_up = [gate | up], each `width` wide (a multiple
+ * of LANES); silu(g) = g * sigmoid(g), sigmoid from exp(-|g|). */
+void chatfleet_silu_mul(const uint16_t *gate_up, int64_t n, int64_t width, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *gate = gate_up + i * 2 * width, *up = gate + width;
+        for (int64_t j = 0; j < width; j += LANES) {
+            const vfloat g = load_vector(gate, j, 1), u = load_vector(up, j, 1);
+            const vint negative = g < splat(0.0f);
+            const vfloat e = exp_nonpositive(select_lanes(negative, g, -g));
+            const vfloat sigmoid = select_lanes(negative, e, splat(1.0f)) / (splat(1.0f) + e);
+            float values[LANES];
+            const vfloat product = g * sigmoid * u;
+            memcpy(values, &product, sizeof values);
+            for (int l = 0; l < LANES; l++) out[i * width + j + l] = float_to_bf16(values[l]);
+        }
+    }
+}
+
+/* One layer's attention from its fused q/k/v product: qkv rows [q heads | k heads | v heads] in
+ * bf16; cos and sin [n, head_dim] of each row's position. Queries and keys are rotated in
+ * float32 exactly as the runner's torch path does (x * cos + flip_halves(x) * signed_sin, each
+ * operation rounded), keys rounded to bf16 into the cache, values copied; then every row attends
+ * (float32 queries from `q_scratch`, [n, heads * head_dim]) and `out` gets bf16 rows ready for
+ * the output projection. Returns attend()'s status. */
+int chatfleet_rope_attention(const uint16_t *qkv, int64_t n, const float *cos, const float *sin,
+                             uint16_t *k_cache, uint16_t *v_cache, const int64_t *cache_rows,
+                             const int64_t *positions, int64_t heads, int64_t kv_heads,
+                             int64_t head_dim, int64_t capacity, float scale, float *q_scratch,
+                             float *scores, uint16_t *out) {
+    if (kv_heads < 1 || head_dim % 2 != 0) return -1;
+    const int64_t half = head_dim / 2, width = (heads + 2 * kv_heads) * head_dim;
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *row = qkv + i * width;
+        const float *c = cos + i * head_dim, *s = sin + i * head_dim;
+        for (int64_t h = 0; h < heads + kv_heads; h++) {
+            const uint16_t *x = row + h * head_dim;
+            float rotated[MAX_HEAD_DIM];
+            for (int64_t j = 0; j < half; j++)
+                rotated[j] = bf16_to_float(x[j]) * c[j] - bf16_to_float(x[j + half]) * s[j];
+            for (int64_t j = half; j < head_dim; j++)
+                rotated[j] = bf16_to_float(x[j]) * c[j] + bf16_to_float(x[j - half]) * s[j];
+            if (h < heads) {
+                memcpy(q_scratch + (i * heads + h) * head_dim, rotated, head_dim * sizeof(float));
+            } else {
+                const int64_t g = h - heads;
+                const int64_t at = ((cache_rows[i] * kv_heads + g) * capacity + positions[i]) * head_dim;
+                for (int64_t j = 0; j < head_dim; j++) k_cache[at + j] = float_to_bf16(rotated[j]);
+                memcpy(v_cache + at, row + (heads + kv_heads + g) * head_dim, head_dim * sizeof(uint16_t));
+            }
+        }
+    }
+    return attend(q_scratch, heads * head_dim, k_cache, v_cache, out, heads * head_dim, cache_rows,
+                  positions, n, heads, kv_heads, head_dim, capacity, scale, 0, 1, 1, scores);
 }

@@ -227,7 +227,11 @@ class BF16Linear(_PackedLinear):
         self.weight_packed = self.bias_bf16 = None
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.bfloat16)
+        return self.bf16_product(x.to(torch.bfloat16))
+
+    def bf16_product(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 rows [rows, in_features] -> bf16 rows [rows, out_features] (the runner's fused
+        path keeps products in bf16 between its compiled glue)."""
         if len(x) <= BF16_MAX_ROWS:
             return self._call(x)
         # oneDNN picks another kernel (another order of the sums) for many rows: one product

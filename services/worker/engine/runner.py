@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from services.worker.engine.attention import CpuAttention, load_cpu_attention, scores_needed
+from services.worker.engine.attention import (
+    CpuAttention,
+    LayerGlue,
+    load_cpu_attention,
+    load_layer_glue,
+    scores_needed,
+)
 from services.worker.engine.prefix_cache import BLOCK_SIZE, CachedBlock, PrefixCache
 from services.worker.engine.quantization import (
     BF16Linear,
@@ -169,6 +175,7 @@ class PackedRunner(ModelRunner):
         prefix_caching: bool = False,
         attention_kernel: bool = True,
         kv_dtype: torch.dtype | None = None,
+        fused_layers: bool = True,
     ) -> None:
         reason = packed_unsupported_reason(model)
         if reason is not None:
@@ -234,6 +241,34 @@ class PackedRunner(ModelRunner):
         ):
             self._attention = load_cpu_attention()
         self._scores = torch.empty(0)
+        # bf16 products over a bf16 cache (the served bf16 mode): the small operations between
+        # the products in three compiled calls a layer (`_fused_layers`).
+        self._glue: LayerGlue | None = None
+        if fused_layers and self._attention is not None and self._glue_applies():
+            self._glue = load_layer_glue()
+
+    def _glue_applies(self) -> bool:
+        """Whether the model is what LayerGlue computes: float32 activations, bf16 products
+        (pre-packed, unsplit), a bf16 cache, Llama RMS norms, SiLU-gated MLPs, no q/k norms."""
+        layers = [*self._qkv, *self._gate_up, self.model.lm_head]
+        norms = [self.decoder.norm]
+        for layer in self.layers:
+            layers += [layer.self_attn.o_proj, layer.mlp.down_proj]
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        return (
+            self.dtype == torch.float32
+            and self.kv_dtype == torch.bfloat16
+            and not self._qk_norm
+            and all(isinstance(m, BF16Linear) and m.weight_packed is not None for m in layers)
+            and all(_rms_norm_parameters(n) is not None for n in norms)
+            and getattr(self.model.config, "hidden_act", None) in ("silu", "swish")
+            and LayerGlue.supports(self.model.config.hidden_size, self._intermediate, self.head_dim)
+        )
+
+    @property
+    def fused_layers(self) -> bool:
+        """Whether steps run the compiled layer glue (`_fused_layers`)."""
+        return self._glue is not None
 
     # -- cache ---------------------------------------------------------------------------
 
@@ -378,6 +413,13 @@ class PackedRunner(ModelRunner):
 
         hidden = self.decoder.embed_tokens(token_t)  # [N, hidden]
         cos, sin = self.decoder.rotary_emb(hidden, position_t[None, :])
+        wanted = self._logit_rows(items)
+        if self._glue is not None:
+            normed = self._fused_layers(hidden, cos[0], sin[0], row_t, position_t)
+            if not wanted:
+                return hidden.new_empty(0, self.model.config.vocab_size)
+            picked = normed[torch.tensor(wanted, dtype=torch.long, device=device)]
+            return _bf16_product(self.model.lm_head, picked).float()
         cos = cos[0][:, None, :]  # [N, 1, head_dim]
         # rotate_half(x) * sin == flip_halves(x) * signed_sin, bit for bit (a sign is exact).
         half = self.head_dim // 2
@@ -430,21 +472,6 @@ class PackedRunner(ModelRunner):
             ).split(self._intermediate, dim=-1)
             hidden = hidden + _linear(mlp.down_proj, mlp.act_fn(gate) * up, split)
 
-        # Logits only where a token is sampled next (the last token of each wanting item) or
-        # where an item asks for all of them.
-        first_index: dict[Hashable, int] = {}
-        cursor = 0
-        for item in items:
-            first_index[item.key] = cursor
-            cursor += len(item.token_ids)
-        wanted = [
-            index
-            for item in items
-            for index in range(
-                first_index[item.key] + len(item.token_ids) - item.logit_rows,
-                first_index[item.key] + len(item.token_ids),
-            )
-        ]
         if not wanted:
             return hidden.new_empty(0, self.model.config.vocab_size)
         picked = hidden[torch.tensor(wanted, dtype=torch.long, device=device)]
@@ -454,6 +481,54 @@ class PackedRunner(ModelRunner):
         return _linear(
             self.model.lm_head, _rms_norm(self.decoder.norm, picked), picked_split
         ).float()
+
+    def _fused_layers(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        row_t: torch.Tensor,
+        position_t: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decoder layers over hidden [N, hidden] (float32, updated in place) with the
+        layer glue between the bf16 products; the final norm's output [N, hidden] in bf16.
+        Rotary positions, cache writes and attention compute what the torch path computes, bit
+        for bit; the norms and the activation round differently in the last bits."""
+        glue = self._glue
+        assert glue is not None
+        n = len(hidden)
+        heads, bf16 = self.num_heads, torch.bfloat16
+        normed = torch.empty(n, hidden.shape[1], dtype=bf16)
+        attended = torch.empty(n, heads * self.head_dim, dtype=bf16)
+        activated = torch.empty(n, self._intermediate, dtype=bf16)
+        queries = torch.empty(n, heads * self.head_dim, dtype=torch.float32)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        delta: torch.Tensor | None = None
+        for index, layer in enumerate(self.layers):
+            glue.add_rms_norm(hidden, delta, *_norm_of(layer.input_layernorm), normed)
+            qkv = _bf16_product(self._qkv[index], normed)
+            glue.rope_attention(
+                qkv, cos, sin, self._k[index], self._v[index], row_t, position_t,
+                self.scaling, heads, queries, self._scores, attended,
+            )  # fmt: skip
+            attention_out = _bf16_product(layer.self_attn.o_proj, attended)
+            glue.add_rms_norm(
+                hidden, attention_out, *_norm_of(layer.post_attention_layernorm), normed
+            )
+            glue.silu_mul(_bf16_product(self._gate_up[index], normed), activated)
+            delta = _bf16_product(layer.mlp.down_proj, activated)
+        return glue.add_rms_norm(hidden, delta, *_norm_of(self.decoder.norm), normed)
+
+    @staticmethod
+    def _logit_rows(items: Sequence[ForwardItem]) -> list[int]:
+        """Packed rows whose logits forward() returns: where a token is sampled next (the last
+        token of each wanting item) or where an item asks for all of them."""
+        wanted: list[int] = []
+        cursor = 0
+        for item in items:
+            cursor += len(item.token_ids)
+            wanted.extend(range(cursor - item.logit_rows, cursor))
+        return wanted
 
     @staticmethod
     def _generated_rows(items: Sequence[ForwardItem]) -> list[bool]:
@@ -780,16 +855,34 @@ def _flip_halves(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
 
 
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` for the Llama-family RMSNorm, in one fused op where that is bit-identical to
-    transformers' (float32; tested), else the module itself."""
+def _bf16_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A pre-packed bf16 layer's product of bf16 rows, in bf16 (no float32 round trip)."""
+    assert isinstance(layer, BF16Linear)
+    return layer.bf16_product(x)
+
+
+def _norm_of(norm: nn.Module) -> tuple[torch.Tensor, float]:
+    parameters = _rms_norm_parameters(norm)
+    assert parameters is not None
+    return parameters
+
+
+def _rms_norm_parameters(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a Llama-family RMSNorm with float32 weights, else None."""
     eps = getattr(norm, "variance_epsilon", None)
     weight = getattr(norm, "weight", None)
     if not isinstance(eps, float) or not isinstance(weight, torch.Tensor):
+        return None
+    return (weight, eps) if weight.dtype == torch.float32 else None
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for the Llama-family RMSNorm, in one fused op where that is bit-identical to
+    transformers' (float32; tested), else the module itself."""
+    parameters = _rms_norm_parameters(norm)
+    if parameters is None or x.dtype != torch.float32:
         return norm(x)
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return norm(x)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), *parameters)
 
 
 def _round_up(value: int, quantum: int = CAPACITY_QUANTUM) -> int:
