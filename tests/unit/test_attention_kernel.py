@@ -192,3 +192,33 @@ def test_rope_attention_is_the_torch_paths_rotation_cache_writes_and_attention(
     )
     assert torch.equal(k_fused, k_torch) and torch.equal(v_fused, v_torch)
     assert torch.equal(out, want.to(torch.bfloat16).flatten(1))
+
+
+def test_dot_pairs_are_float32_dot_products_of_bf16_rows(glue: LayerGlue) -> None:
+    torch.manual_seed(7)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    weight = torch.randn(20, 64).to(torch.bfloat16)
+    rows, cols = torch.tensor([0, 2, 2, 1]), torch.tensor([19, 0, 7, 7])
+    got = glue.dot_pairs(x, weight, rows, cols)
+    want = (x.double()[rows] * weight.double()[cols]).sum(-1)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-6)
+
+
+def test_near_ties_the_bf16_output_rounding_made_are_decided_in_float32(glue: LayerGlue) -> None:
+    """Two logits of 25.28125 and 25.3125 both round to 25.25 in bf16, where the first one would
+    win argmax; recomputed, the larger one does. Entries far from the top keep their values."""
+    from services.worker.engine.runner import refine_near_ties
+
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    x[:, :2] = 1.0
+    weight = torch.zeros(12, 64, dtype=torch.bfloat16)
+    weight[:, 0] = -3.0
+    weight[5, :2] = torch.tensor([25.25, 0.03125])
+    weight[9, :2] = torch.tensor([25.25, 0.0625])
+    rounded = (x.float() @ weight.float().T).to(torch.bfloat16).float()
+    assert rounded[0, 5] == rounded[0, 9] == 25.25 and int(rounded[0].argmax()) == 5
+    refined = refine_near_ties(glue, rounded.clone(), x, weight)
+    assert refined[0, 9] == 25.3125 and refined[0, 5] == 25.28125
+    assert int(refined[0].argmax()) == int(refined[1].argmax()) == 9
+    far = rounded < 20
+    assert torch.equal(refined[far], rounded[far])

@@ -428,3 +428,25 @@ int chatfleet_rope_attention(const uint16_t *qkv, int64_t n, const float *cos, c
     return attend(q_scratch, heads * head_dim, k_cache, v_cache, out, heads * head_dim, cache_rows,
                   positions, n, heads, kv_heads, head_dim, capacity, scale, 0, 1, 1, scores);
 }
+
+/* out[j] = x[rows[j]] . w[cols[j]] in float32 for bf16 rows x [., d] and w [., d] (d a multiple
+ * of 32): single logits recomputed without the bf16 rounding of oneDNN's output (runner.py),
+ * each in one fixed order. */
+void chatfleet_dot_pairs(const uint16_t *x, const uint16_t *w, int64_t d, const int64_t *rows,
+                         const int64_t *cols, int64_t count, float *out) {
+    for (int64_t j = 0; j < count; j++) {
+        const uint16_t *a = x + rows[j] * d, *b = w + cols[j] * d;
+#ifdef BF16_DOT
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < d; c += 32)
+            sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(a + c),
+                                   (__m512bh)_mm512_loadu_si512(b + c));
+        out[j] = lane_sum((vfloat)sum);
+#else
+        vfloat sum = splat(0.0f);
+        for (int64_t c = 0; c < d; c += LANES)
+            sum = sum + load_vector(a, c, 1) * load_vector(b, c, 1);
+        out[j] = lane_sum(sum);
+#endif
+    }
+}

@@ -246,6 +246,12 @@ class PackedRunner(ModelRunner):
         self._glue: LayerGlue | None = None
         if fused_layers and self._attention is not None and self._glue_applies():
             self._glue = load_layer_glue()
+        # The output layer's plain bf16 matrix, to recompute near-ties in float32.
+        self._logits_weight: torch.Tensor | None = None
+        if self._glue is not None:
+            lm_head = self.model.lm_head
+            assert isinstance(lm_head, BF16Linear)
+            self._logits_weight = lm_head.weight_bf16().contiguous()
 
     def _glue_applies(self) -> bool:
         """Whether the model is what LayerGlue computes: float32 activations, bf16 products
@@ -419,7 +425,9 @@ class PackedRunner(ModelRunner):
             if not wanted:
                 return hidden.new_empty(0, self.model.config.vocab_size)
             picked = normed[torch.tensor(wanted, dtype=torch.long, device=device)]
-            return _bf16_product(self.model.lm_head, picked).float()
+            logits = _bf16_product(self.model.lm_head, picked).float()
+            assert self._logits_weight is not None
+            return refine_near_ties(self._glue, logits, picked, self._logits_weight)
         cos = cos[0][:, None, :]  # [N, 1, head_dim]
         # rotate_half(x) * sin == flip_halves(x) * signed_sin, bit for bit (a sign is exact).
         half = self.head_dim // 2
@@ -853,6 +861,21 @@ def _linear(layer: nn.Module, x: torch.Tensor, split: RowSplit | None) -> torch.
 def _flip_halves(x: torch.Tensor) -> torch.Tensor:
     """[x1, x2] -> [x2, x1] along the last dimension (rotate_half without its sign)."""
     return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+
+
+def refine_near_ties(
+    glue: LayerGlue, logits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Recompute in float32 (in place) the logits whose order the bf16 rounding of oneDNN's
+    output may have changed: those within two bf16 steps of their row's largest. A step is 0.125
+    at a logit of 25, and a small model's top two tokens can be closer than that (the default
+    model's first answer to "What is the capital of France?" is one such tie). Which entries are
+    recomputed depends on the row alone: still batch-invariant."""
+    top = logits.max(dim=-1, keepdim=True).values
+    step = torch.exp2(torch.floor(torch.log2(top.abs().clamp(min=1e-30))) - 7)
+    rows, cols = torch.nonzero(logits >= top - 2 * step, as_tuple=True)
+    logits[rows, cols] = glue.dot_pairs(x, weight, rows, cols)
+    return logits
 
 
 def _bf16_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
