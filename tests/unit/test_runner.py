@@ -265,7 +265,10 @@ def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode
 @pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
 )
-def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recompute() -> None:
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["kv32", "kv16-fused"])
+def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recompute(
+    kv_dtype: torch.dtype,
+) -> None:
     """Under int4 quantization generated positions take the 4-bit kernel and prompt positions
     the bf16 one, by what the position holds: a generated token's logits are equal bit for bit
     whether it was decoded step by step, alone or beside another sequence, or recomputed with
@@ -282,7 +285,8 @@ def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recom
     def last_logits(
         chunks: list[int], *, neighbour: bool, prompt_length: int | None
     ) -> torch.Tensor:
-        runner = PackedRunner(model, max_rows=4, max_cache_tokens=4096)
+        runner = PackedRunner(model, max_rows=4, max_cache_tokens=4096, kv_dtype=kv_dtype)
+        assert runner.fused_layers == (kv_dtype == torch.bfloat16)
         start = 0
         logits = torch.empty(0)
         for size in chunks:
@@ -310,25 +314,28 @@ def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recom
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
 )
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["bf16", "int4"])
 def test_fused_layers_compute_what_the_torch_path_does_up_to_the_norms_rounding(
-    kind: str,
+    kind: str, mode: str
 ) -> None:
     """The compiled glue between bf16 products (rotary positions, cache writes, attention, norms,
     activation) gives the torch path's logits within the last bits its norms and activation
     round otherwise, prefilling and decoding several sequences at once."""
     from services.worker.engine.quantization import quantize
 
-    model = quantize(tiny(kind), "bf16")
+    model = quantize(tiny(kind), mode)
     rng = random.Random(11)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (19, 40, 7)]
 
     def logits(fused: bool) -> list[torch.Tensor]:
         runner = PackedRunner(model, 4, 4096, kv_dtype=torch.bfloat16, fused_layers=fused)
         assert runner.fused_layers == fused
-        steps = [runner.forward([ForwardItem(i, p, 0, True) for i, p in enumerate(prompts)])]
-        for extra in range(3):  # decode the same tokens for both paths
+        items = [ForwardItem(i, p, 0, True, prompt_length=len(p)) for i, p in enumerate(prompts)]
+        steps = [runner.forward(items)]
+        for extra in range(3):  # decode the same tokens for both paths (int4: 4-bit rows)
             items = [
-                ForwardItem(i, [5 + extra], len(p) + extra, True) for i, p in enumerate(prompts)
+                ForwardItem(i, [5 + extra], len(p) + extra, True, prompt_length=len(p))
+                for i, p in enumerate(prompts)
             ]
             steps.append(runner.forward(items))
         return steps
@@ -344,7 +351,7 @@ def test_fused_layers_compute_what_the_torch_path_does_up_to_the_norms_rounding(
 
 
 def test_fused_layers_only_where_the_glue_computes_the_model() -> None:
-    """float32 layers, int4's split layers or a float32 cache keep the torch path."""
+    """float32 layers, a float32 cache or torch's attention keep the torch path."""
     from services.worker.engine.quantization import quantize
 
     assert not PackedRunner(tiny("llama"), 4, 4096, kv_dtype=torch.bfloat16).fused_layers
@@ -355,4 +362,5 @@ def test_fused_layers_only_where_the_glue_computes_the_model() -> None:
             bf16, 4, 4096, kv_dtype=torch.bfloat16, attention_kernel=False
         ).fused_layers
         int4 = quantize(tiny("llama"), "int4")
-        assert not PackedRunner(int4, 4, 4096, kv_dtype=torch.bfloat16).fused_layers
+        assert PackedRunner(int4, 4, 4096, kv_dtype=torch.bfloat16).fused_layers
+        assert not PackedRunner(int4, 4, 4096).fused_layers

@@ -436,6 +436,17 @@ class SplitLinear(nn.Module):
         out[rows.prompt] = self.prompt(x[rows.prompt])
         return out
 
+    def bf16_product(self, x: torch.Tensor, rows: RowSplit | None) -> torch.Tensor:
+        """forward() for bf16 rows, in bf16 (the runner's fused path)."""
+        if rows is None or not len(rows.generated):
+            return self.prompt.bf16_product(x)
+        if not len(rows.prompt):
+            return self.generated._product(x).to(torch.bfloat16)
+        out = x.new_empty(x.shape[0], self.out_features)
+        out[rows.generated] = self.generated._product(x[rows.generated]).to(torch.bfloat16)
+        out[rows.prompt] = self.prompt.bf16_product(x[rows.prompt])
+        return out
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 + bf16"
 

@@ -241,21 +241,24 @@ class PackedRunner(ModelRunner):
         ):
             self._attention = load_cpu_attention()
         self._scores = torch.empty(0)
-        # bf16 products over a bf16 cache (the served bf16 mode): the small operations between
-        # the products in three compiled calls a layer (`_fused_layers`).
+        # bf16 products over a bf16 cache (the served bf16 and int4 modes): the small operations
+        # between the products in three compiled calls a layer (`_fused_layers`).
         self._glue: LayerGlue | None = None
         if fused_layers and self._attention is not None and self._glue_applies():
             self._glue = load_layer_glue()
-        # The output layer's plain bf16 matrix, to recompute near-ties in float32.
+        # The bf16 output layer's plain matrix (int4: the prompt rows'), to recompute near-ties
+        # in float32.
         self._logits_weight: torch.Tensor | None = None
         if self._glue is not None:
-            lm_head = self.model.lm_head
-            assert isinstance(lm_head, BF16Linear)
-            self._logits_weight = lm_head.weight_bf16().contiguous()
+            head = self.model.lm_head
+            head = head.prompt if isinstance(head, SplitLinear) else head
+            assert isinstance(head, BF16Linear)
+            self._logits_weight = head.weight_bf16().contiguous()
 
     def _glue_applies(self) -> bool:
         """Whether the model is what LayerGlue computes: float32 activations, bf16 products
-        (pre-packed, unsplit), a bf16 cache, Llama RMS norms, SiLU-gated MLPs, no q/k norms."""
+        (pre-packed, or int4's split layers), a bf16 cache, Llama RMS norms, SiLU-gated MLPs,
+        no q/k norms."""
         layers = [*self._qkv, *self._gate_up, self.model.lm_head]
         norms = [self.decoder.norm]
         for layer in self.layers:
@@ -265,7 +268,7 @@ class PackedRunner(ModelRunner):
             self.dtype == torch.float32
             and self.kv_dtype == torch.bfloat16
             and not self._qk_norm
-            and all(isinstance(m, BF16Linear) and m.weight_packed is not None for m in layers)
+            and all(_takes_bf16(m) for m in layers)
             and all(_rms_norm_parameters(n) is not None for n in norms)
             and getattr(self.model.config, "hidden_act", None) in ("silu", "swish")
             and LayerGlue.supports(self.model.config.hidden_size, self._intermediate, self.head_dim)
@@ -421,13 +424,25 @@ class PackedRunner(ModelRunner):
         cos, sin = self.decoder.rotary_emb(hidden, position_t[None, :])
         wanted = self._logit_rows(items)
         if self._glue is not None:
-            normed = self._fused_layers(hidden, cos[0], sin[0], row_t, position_t)
+            normed = self._fused_layers(hidden, cos[0], sin[0], row_t, position_t, split)
             if not wanted:
                 return hidden.new_empty(0, self.model.config.vocab_size)
             picked = normed[torch.tensor(wanted, dtype=torch.long, device=device)]
-            logits = _bf16_product(self.model.lm_head, picked).float()
-            assert self._logits_weight is not None
-            return refine_near_ties(self._glue, logits, picked, self._logits_weight)
+            weight = self._logits_weight
+            assert weight is not None
+            if generated is None:
+                logits = _bf16_product(self.model.lm_head, picked, None).float()
+                return refine_near_ties(self._glue, logits, picked, weight)
+            # int4: 8-bit weights for generated rows, bf16 for prompt rows (refined: their
+            # logits sample a request's first token).
+            picked_split = self._row_split([generated[i] for i in wanted])
+            logits = _linear(self.model.lm_head, picked.float(), picked_split).float()
+            prompt = picked_split.prompt
+            if len(prompt):
+                logits[prompt] = refine_near_ties(
+                    self._glue, logits[prompt], picked[prompt].contiguous(), weight
+                )
+            return logits
         cos = cos[0][:, None, :]  # [N, 1, head_dim]
         # rotate_half(x) * sin == flip_halves(x) * signed_sin, bit for bit (a sign is exact).
         half = self.head_dim // 2
@@ -497,6 +512,7 @@ class PackedRunner(ModelRunner):
         sin: torch.Tensor,
         row_t: torch.Tensor,
         position_t: torch.Tensor,
+        split: RowSplit | None,
     ) -> torch.Tensor:
         """The decoder layers over hidden [N, hidden] (float32, updated in place) with the
         layer glue between the bf16 products; the final norm's output [N, hidden] in bf16.
@@ -514,17 +530,17 @@ class PackedRunner(ModelRunner):
         delta: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
             glue.add_rms_norm(hidden, delta, *_norm_of(layer.input_layernorm), normed)
-            qkv = _bf16_product(self._qkv[index], normed)
+            qkv = _bf16_product(self._qkv[index], normed, split)
             glue.rope_attention(
                 qkv, cos, sin, self._k[index], self._v[index], row_t, position_t,
                 self.scaling, heads, queries, self._scores, attended,
             )  # fmt: skip
-            attention_out = _bf16_product(layer.self_attn.o_proj, attended)
+            attention_out = _bf16_product(layer.self_attn.o_proj, attended, split)
             glue.add_rms_norm(
                 hidden, attention_out, *_norm_of(layer.post_attention_layernorm), normed
             )
-            glue.silu_mul(_bf16_product(self._gate_up[index], normed), activated)
-            delta = _bf16_product(layer.mlp.down_proj, activated)
+            glue.silu_mul(_bf16_product(self._gate_up[index], normed, split), activated)
+            delta = _bf16_product(layer.mlp.down_proj, activated, split)
         return glue.add_rms_norm(hidden, delta, *_norm_of(self.decoder.norm), normed)
 
     @staticmethod
@@ -878,8 +894,18 @@ def refine_near_ties(
     return logits
 
 
-def _bf16_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A pre-packed bf16 layer's product of bf16 rows, in bf16 (no float32 round trip)."""
+def _takes_bf16(layer: nn.Module) -> bool:
+    """Whether `_bf16_product` computes the layer."""
+    if isinstance(layer, SplitLinear):
+        return isinstance(layer.prompt, BF16Linear) and layer.prompt.weight_packed is not None
+    return isinstance(layer, BF16Linear) and layer.weight_packed is not None
+
+
+def _bf16_product(layer: nn.Module, x: torch.Tensor, split: RowSplit | None) -> torch.Tensor:
+    """A pre-packed bf16 (or int4 split) layer's product of bf16 rows, in bf16 (no float32
+    round trip)."""
+    if isinstance(layer, SplitLinear):
+        return layer.bf16_product(x, split)
     assert isinstance(layer, BF16Linear)
     return layer.bf16_product(x)
 
