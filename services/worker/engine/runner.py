@@ -428,21 +428,9 @@ class PackedRunner(ModelRunner):
             if not wanted:
                 return hidden.new_empty(0, self.model.config.vocab_size)
             picked = normed[torch.tensor(wanted, dtype=torch.long, device=device)]
-            weight = self._logits_weight
-            assert weight is not None
-            if generated is None:
-                logits = _bf16_product(self.model.lm_head, picked, None).float()
-                return refine_near_ties(self._glue, logits, picked, weight)
-            # int4: 8-bit weights for generated rows, bf16 for prompt rows (refined: their
-            # logits sample a request's first token).
-            picked_split = self._row_split([generated[i] for i in wanted])
-            logits = _linear(self.model.lm_head, picked.float(), picked_split).float()
-            prompt = picked_split.prompt
-            if len(prompt):
-                logits[prompt] = refine_near_ties(
-                    self._glue, logits[prompt], picked[prompt].contiguous(), weight
-                )
-            return logits
+            return self._fused_logits(
+                picked, None if generated is None else [generated[i] for i in wanted]
+            )
         cos = cos[0][:, None, :]  # [N, 1, head_dim]
         # rotate_half(x) * sin == flip_halves(x) * signed_sin, bit for bit (a sign is exact).
         half = self.head_dim // 2
@@ -542,6 +530,23 @@ class PackedRunner(ModelRunner):
             glue.silu_mul(_bf16_product(self._gate_up[index], normed, split), activated)
             delta = _bf16_product(layer.mlp.down_proj, activated, split)
         return glue.add_rms_norm(hidden, delta, *_norm_of(self.decoder.norm), normed)
+
+    def _fused_logits(self, picked: torch.Tensor, generated: list[bool] | None) -> torch.Tensor:
+        """float32 logits of the final norm's bf16 rows; near-ties of bf16 products refined."""
+        glue, weight = self._glue, self._logits_weight
+        assert glue is not None and weight is not None
+        if generated is None:
+            logits = _bf16_product(self.model.lm_head, picked, None).float()
+            return refine_near_ties(glue, logits, picked, weight)
+        # int4: 8-bit weights for generated rows, bf16 for prompt rows (refined: their logits
+        # sample a request's first token).
+        split = self._row_split(generated)
+        logits = _linear(self.model.lm_head, picked.float(), split).float()
+        if len(split.prompt):
+            logits[split.prompt] = refine_near_ties(
+                glue, logits[split.prompt], picked[split.prompt].contiguous(), weight
+            )
+        return logits
 
     @staticmethod
     def _logit_rows(items: Sequence[ForwardItem]) -> list[int]:
