@@ -6,6 +6,12 @@ has to call it per block of positions, hundreds of small calls a step. attention
 computes every query row by the same arithmetic whatever the call holds (its header says how),
 in one call over all packed rows. No maintained library offers that for the CPU, hence the C.
 
+The same library holds the glue between bf16 linear layers (`LayerGlue`): with products of a few
+rows, the thirty-odd small torch operations a layer between them (norms, rotary positions, cache
+writes, conversions, the gate) took as long as the products. Written by hand, each row's
+arithmetic stays fixed whatever the batch, which a generated kernel (torch.compile) does not
+promise.
+
 The kernel is compiled with the system's C compiler on first use (about a second) into a cache
 keyed by its source, its flags and this CPU, and loaded with ctypes. Where no compiler works the
 runner keeps the per-block SDPA path.
