@@ -59,6 +59,13 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+/* The LANES floats of v rounded to bf16 at dst. */
+static inline void store_bf16(uint16_t *dst, vfloat v) {
+    float values[LANES];
+    memcpy(values, &v, sizeof values);
+    for (int l = 0; l < LANES; l++) dst[l] = float_to_bf16(values[l]);
+}
+
 /* The lanes' sum, in a fixed tree. */
 static inline float lane_sum(vfloat v) {
     float a[LANES];
@@ -313,15 +320,11 @@ static int attend(const void *q, int64_t q_row_stride, const void *k_cache, cons
                 const int64_t offset = i * out_row_stride + (g * group + h) * head_dim;
                 const vfloat inverse = splat(1.0f / total[h]);
                 for (int64_t c = 0; c < chunks; c++) {
-                    float values[LANES];
                     const vfloat o = acc[h][c] * inverse;
-                    memcpy(values, &o, sizeof values);
-                    if (out_bf16) {
-                        uint16_t *dst = (uint16_t *)out + offset + c * LANES;
-                        for (int l = 0; l < LANES; l++) dst[l] = float_to_bf16(values[l]);
-                    } else {
-                        memcpy((float *)out + offset + c * LANES, values, sizeof values);
-                    }
+                    if (out_bf16)
+                        store_bf16((uint16_t *)out + offset + c * LANES, o);
+                    else
+                        memcpy((float *)out + offset + c * LANES, &o, sizeof o);
                 }
             }
         }
@@ -384,10 +387,7 @@ void chatfleet_silu_mul(const uint16_t *gate_up, int64_t n, int64_t width, uint1
             const vint negative = g < splat(0.0f);
             const vfloat e = exp_nonpositive(select_lanes(negative, g, -g));
             const vfloat sigmoid = select_lanes(negative, e, splat(1.0f)) / (splat(1.0f) + e);
-            float values[LANES];
-            const vfloat product = g * sigmoid * u;
-            memcpy(values, &product, sizeof values);
-            for (int l = 0; l < LANES; l++) out[i * width + j + l] = float_to_bf16(values[l]);
+            store_bf16(out + i * width + j, g * sigmoid * u);
         }
     }
 }
@@ -403,7 +403,7 @@ int chatfleet_rope_attention(const uint16_t *qkv, int64_t n, const float *cos, c
                              const int64_t *positions, int64_t heads, int64_t kv_heads,
                              int64_t head_dim, int64_t capacity, float scale, float *q_scratch,
                              float *scores, uint16_t *out) {
-    if (kv_heads < 1 || head_dim % 2 != 0) return -1;
+    if (kv_heads < 1 || head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM) return -1;
     const int64_t half = head_dim / 2, width = (heads + 2 * kv_heads) * head_dim;
     for (int64_t i = 0; i < n; i++) {
         const uint16_t *row = qkv + i * width;

@@ -427,24 +427,32 @@ class SplitLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, rows: RowSplit | None = None) -> torch.Tensor:
-        if rows is None or not len(rows.generated):
-            return self.prompt(x)
-        if not len(rows.prompt):
-            return self.generated(x)
-        out = x.new_empty(x.shape[0], self.out_features)
-        out[rows.generated] = self.generated(x[rows.generated])
-        out[rows.prompt] = self.prompt(x[rows.prompt])
-        return out
+        return self._by_row_kind(x, rows, self.generated, self.prompt)
 
     def bf16_product(self, x: torch.Tensor, rows: RowSplit | None) -> torch.Tensor:
         """forward() for bf16 rows, in bf16 (the runner's fused path)."""
+        generated = self.generated
+
+        def low_bits(part: torch.Tensor) -> torch.Tensor:
+            return generated._product(part).to(torch.bfloat16)
+
+        return self._by_row_kind(x, rows, low_bits, self.prompt.bf16_product)
+
+    def _by_row_kind(
+        self,
+        x: torch.Tensor,
+        rows: RowSplit | None,
+        generated: Callable[[torch.Tensor], torch.Tensor],
+        prompt: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Generated rows through `generated`, prompt rows through `prompt`."""
         if rows is None or not len(rows.generated):
-            return self.prompt.bf16_product(x)
+            return prompt(x)
         if not len(rows.prompt):
-            return self.generated._product(x).to(torch.bfloat16)
+            return generated(x)
         out = x.new_empty(x.shape[0], self.out_features)
-        out[rows.generated] = self.generated._product(x[rows.generated]).to(torch.bfloat16)
-        out[rows.prompt] = self.prompt.bf16_product(x[rows.prompt])
+        out[rows.generated] = generated(x[rows.generated])
+        out[rows.prompt] = prompt(x[rows.prompt])
         return out
 
     def extra_repr(self) -> str:

@@ -247,9 +247,14 @@ class PackedRunner(ModelRunner):
         if fused_layers and self._attention is not None and self._glue_applies():
             self._glue = load_layer_glue()
         # The bf16 output layer's plain matrix (int4: the prompt rows'), to recompute near-ties
-        # in float32.
+        # in float32; the norms' (weight, eps), looked up once.
         self._logits_weight: torch.Tensor | None = None
+        self._norms: list[tuple[tuple[torch.Tensor, float], tuple[torch.Tensor, float]]] = []
         if self._glue is not None:
+            self._norms = [
+                (_norm_of(layer.input_layernorm), _norm_of(layer.post_attention_layernorm))
+                for layer in self.layers
+            ]
             head = self.model.lm_head
             head = head.prompt if isinstance(head, SplitLinear) else head
             assert isinstance(head, BF16Linear)
@@ -517,16 +522,15 @@ class PackedRunner(ModelRunner):
         cos, sin = cos.contiguous(), sin.contiguous()
         delta: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
-            glue.add_rms_norm(hidden, delta, *_norm_of(layer.input_layernorm), normed)
+            norm_in, norm_post = self._norms[index]
+            glue.add_rms_norm(hidden, delta, *norm_in, normed)
             qkv = _bf16_product(self._qkv[index], normed, split)
             glue.rope_attention(
                 qkv, cos, sin, self._k[index], self._v[index], row_t, position_t,
                 self.scaling, heads, queries, self._scores, attended,
             )  # fmt: skip
             attention_out = _bf16_product(layer.self_attn.o_proj, attended, split)
-            glue.add_rms_norm(
-                hidden, attention_out, *_norm_of(layer.post_attention_layernorm), normed
-            )
+            glue.add_rms_norm(hidden, attention_out, *norm_post, normed)
             glue.silu_mul(_bf16_product(self._gate_up[index], normed, split), activated)
             delta = _bf16_product(layer.mlp.down_proj, activated, split)
         return glue.add_rms_norm(hidden, delta, *_norm_of(self.decoder.norm), normed)
