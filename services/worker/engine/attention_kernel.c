@@ -21,6 +21,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include "bf16.h"
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define BF16_DOT 1 /* score_bf16_dot */
@@ -49,14 +50,6 @@ static inline vfloat load_vector(const void *base, int64_t offset, int bf16) {
         memcpy(&v, (const float *)base + offset, sizeof v);
     }
     return v;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
 }
 
 /* The LANES floats of v rounded to bf16 at dst. */
@@ -349,13 +342,6 @@ int chatfleet_attention(const void *q, int64_t q_row_stride, const void *k_cache
  * activation): on a CPU decoding a few sequences, as long as the products themselves. These
  * functions do that glue in three calls a layer, each row on its own in a fixed order (so still
  * batch-invariant). Activations between layers stay float32; products take and give bf16. */
-
-static inline float bf16_to_float(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 /* For each of n rows of width d (a multiple of LANES): hidden += delta (bf16; NULL: nothing),
  * then out = bf16(weight * (hidden * 1 / sqrt(mean(hidden^2) + eps))), as transformers' Llama
