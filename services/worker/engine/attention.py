@@ -12,9 +12,14 @@ writes, conversions, the gate) took as long as the products. Written by hand, ea
 arithmetic stays fixed whatever the batch, which a generated kernel (torch.compile) does not
 promise.
 
-The kernel is compiled with the system's C compiler on first use (about a second) into a cache
-keyed by its source, its flags and this CPU, and loaded with ctypes. Where no compiler works the
-runner keeps the per-block SDPA path.
+The library also holds the int4 mode's product for generated tokens (int4_kernel.c,
+`Int4Product`): torch's own 4-bit kernel costs twice oneDNN's bf16 per row at eight rows, the
+hand-written one (bf16 dot products over codes placed under a bf16 exponent) less than bf16 at
+every row count measured (bench/README.md), and it too sums each output alike in any batch.
+
+The kernels are compiled with the system's C compiler on first use (about a second) into a cache
+keyed by their sources, their flags and this CPU, and loaded with ctypes. Where no compiler works
+the runner keeps the per-block SDPA path and int4 layers torch's kernel.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("attention_kernel.c")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("attention_kernel.c", "int4_kernel.c"))
+_HEADERS = (Path(__file__).with_name("bf16.h"),)
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 _NATIVE = "-march=native"
 # What the kernel takes (attention_kernel.c): head_dim a multiple of LANES, fixed buffers.
@@ -205,6 +211,55 @@ class LayerGlue:
         return out
 
 
+class Int4Product:
+    """int4_kernel.c: bf16 rows times 4-bit weights in groups of 32 inputs (quantization.py's
+    Int4Linear), in the kernel's own weight layout."""
+
+    TILE = 16
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+        self._bytes = library.chatfleet_int4_layout_bytes
+        self._bytes.argtypes = [int64, int64]
+        self._bytes.restype = int64
+        self._layout = library.chatfleet_int4_layout
+        self._layout.argtypes = [pointer, pointer, pointer, int64, int64, pointer]
+        self._layout.restype = ctypes.c_int
+        self._product = library.chatfleet_int4_product
+        self._product.argtypes = [pointer, int64, int64, pointer, int64, int64, int64, pointer]
+        self._product.restype = ctypes.c_int
+
+    def layout(
+        self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+    ) -> torch.Tensor:
+        """codes [n, k] uint8 (0..15, one a byte), scales and zeros [n, k / 32] bf16 -> the
+        kernel's weight bytes."""
+        n, k = codes.shape
+        size = self._bytes(n, k)
+        if size < 0:
+            raise ValueError(f"the int4 kernel takes whole groups and tiles, not {n} x {k}")
+        codes, scales, zeros = codes.contiguous(), scales.contiguous(), zeros.contiguous()
+        assert codes.dtype == torch.uint8 and scales.dtype == zeros.dtype == torch.bfloat16
+        assert scales.shape == zeros.shape == (n, k // 32)
+        out = torch.empty(size, dtype=torch.uint8)
+        self._layout(codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, out.data_ptr())
+        return out
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, out_features: int) -> torch.Tensor:
+        """bf16 x [m, k] times laid-out weights -> bf16 [m, out_features]."""
+        x = x.contiguous()
+        assert x.dtype == torch.bfloat16
+        m, k = x.shape
+        out = torch.empty((m, out_features), dtype=torch.bfloat16)
+        tiles = out_features // self.TILE
+        status = self._product(
+            x.data_ptr(), m, k, weights.data_ptr(), out_features, 0, tiles, out.data_ptr()
+        )
+        if status != 0:
+            raise ValueError(f"the int4 kernel refused {m} x {k} -> {out_features}")
+        return out
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (logged once) where they cannot be built."""
@@ -227,13 +282,19 @@ def load_layer_glue() -> LayerGlue | None:
     return None if library is None else LayerGlue(library)
 
 
+def load_int4_product() -> Int4Product | None:
+    """The compiled int4 product, or None where it cannot be built."""
+    library = _library()
+    return None if library is None else Int4Product(library)
+
+
 def _build() -> Path:
-    source = _SOURCE.read_bytes()
+    sources = [path.read_bytes() for path in (*_SOURCES, *_HEADERS)]
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or $CC) on PATH")
     key = hashlib.sha256(
-        b"\0".join([source, " ".join(_FLAGS).encode(), _cpu_identity().encode()])
+        b"\0".join([*sources, " ".join(_FLAGS).encode(), _cpu_identity().encode()])
     ).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatfleet"
     library = cache / "kernels" / f"attention-{key}.so"
@@ -244,7 +305,7 @@ def _build() -> Path:
     # rename a complete file.
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         built = Path(scratch) / library.name
-        base = [compiler, *_FLAGS, "-o", str(built), str(_SOURCE), "-lm"]
+        base = [compiler, *_FLAGS, "-o", str(built), *map(str, _SOURCES), "-lm"]
         try:
             subprocess.run([*base[:1], _NATIVE, *base[1:]], check=True, capture_output=True)
         except subprocess.CalledProcessError:

@@ -14,10 +14,11 @@ Three modes, all approximate (greedy output differs from float32 `generate` afte
   independent: each output row is the same in any batch (tested).
 - int4: generated tokens go through 4-bit weights in groups of 32 with a bfloat16 scale and zero
   each (Int4Linear: a GGUF file's own Q4 grid, an eighth of the float32 bytes, bfloat16
-  activations, float32 accumulation), prompt tokens through the bf16 layers (SplitLinear says
-  why). The output layer takes 8-bit weights for generated tokens (Int8WeightLinear; a GGUF
-  keeps it at 8 bits or more) and bf16 for prompts. Rows are independent, and which kernel a row
-  takes depends on its position's token only.
+  activations, float32 accumulation; the compiled kernel of int4_kernel.c, or torch's where no C
+  compiler works), prompt tokens through the bf16 layers (SplitLinear says why). The output
+  layer takes 8-bit weights for generated tokens (Int8WeightLinear; a GGUF keeps it at 8 bits or
+  more) and bf16 for prompts. Rows are independent, and which kernel a row takes depends on its
+  position's token only.
 
 Everything outside the linear layers (norms, attention, rotary positions) stays float32.
 """
@@ -32,6 +33,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from services.worker.engine.attention import load_int4_product
 
 logger = logging.getLogger(__name__)
 
@@ -257,12 +260,13 @@ class BF16Linear(_PackedLinear):
 class Int4Linear(_PackedLinear):
     """4-bit weights in groups of INT4_GROUP input features, w = (code - 8) * scale + zero with a
     bfloat16 scale and zero per group and output feature; bfloat16 activations, float32
-    accumulation (torch._weight_int4pack_mm_for_cpu). A GGUF Q4_0 / Q4_1 / Q4_K tensor is such a
-    grid already (16 levels per block of 32), so its codes come back as they are in the file and
-    only the scales are rounded to bfloat16. The kernel computes each output row from its input
-    row alone, in the same order for any number of rows: batch-invariant (tested). It is
-    memory-light rather than compute-heavy: fastest for a few rows (decoding few streams), slower
-    than bf16 for many (bench/README.md)."""
+    accumulation, bfloat16 results: int4_kernel.c (attention.Int4Product), or
+    torch._weight_int4pack_mm_for_cpu where it cannot be built. A GGUF Q4_0 / Q4_1 / Q4_K tensor
+    is such a grid already (16 levels per block of 32), so its codes come back as they are in the
+    file and only the scales are rounded to bfloat16. Both kernels compute each output row from
+    its input row alone, in the same order for any number of rows: batch-invariant (tested).
+    torch's costs twice oneDNN's bf16 per row at 8 rows; the compiled one less than bf16 up to
+    8 rows and about as much at 16 (bench/README.md)."""
 
     def __init__(
         self, codes: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None
@@ -274,8 +278,14 @@ class Int4Linear(_PackedLinear):
         self.register_buffer("codes", codes)
         self.register_buffer("scales_zeros", scales_zeros)  # [in / group, out, 2] bfloat16
         self.register_buffer("bias", bias)  # float32 or None
-        self.weight_packed: torch.Tensor | None = torch._convert_weight_to_int4pack_for_cpu(
-            _unpack_nibbles(codes).to(torch.int32), 1
+        # The compiled kernel's layout where it builds (attention.py), else torch's.
+        self._kernel = load_int4_product()
+        self.weight_packed: torch.Tensor | None = (
+            torch._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(codes).to(torch.int32), 1)
+            if self._kernel is None
+            else self._kernel.layout(
+                _unpack_nibbles(codes), scales_zeros[..., 0].t(), scales_zeros[..., 1].t()
+            )
         )
 
     @staticmethod
@@ -339,11 +349,23 @@ class Int4Linear(_PackedLinear):
         self.bias = None
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.weight_packed is not None
-        out = torch._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16).contiguous(), self.weight_packed, INT4_GROUP, self.scales_zeros
-        ).float()
+        out = self._bf16_out(x.to(torch.bfloat16)).float()
         return out if self.bias is None else out + self.bias
+
+    def bf16_product(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 rows -> bf16 rows (the runner's fused path)."""
+        if self.bias is None:
+            return self._bf16_out(x)
+        return self._product(x).to(torch.bfloat16)
+
+    def _bf16_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The product without the bias, bf16."""
+        assert self.weight_packed is not None
+        if self._kernel is not None:
+            return self._kernel(x, self.weight_packed, self.out_features)
+        return torch._weight_int4pack_mm_for_cpu(
+            x.contiguous(), self.weight_packed, INT4_GROUP, self.scales_zeros
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4"
@@ -434,6 +456,8 @@ class SplitLinear(nn.Module):
         generated = self.generated
 
         def low_bits(part: torch.Tensor) -> torch.Tensor:
+            if isinstance(generated, Int4Linear):
+                return generated.bf16_product(part)
             return generated._product(part).to(torch.bfloat16)
 
         return self._by_row_kind(x, rows, low_bits, self.prompt.bf16_product)

@@ -1,0 +1,106 @@
+"""The int4 mode's compiled product (int4_kernel.c, attention.Int4Product): bf16 rows times
+4-bit weights in groups of 32, each output summed alike whatever the number of rows, in both the
+AVX512-BF16 build and the plain C one."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from services.worker.engine import quantization
+from services.worker.engine.attention import Int4Product, load_int4_product
+from services.worker.engine.quantization import INT4_GROUP, Int4Linear, _unpack_nibbles
+
+SOURCE = Path(quantization.__file__).with_name("int4_kernel.c")
+# Row counts that take every block of the kernel: 8, 4, 3, 2 and 1 rows, and their mixtures.
+ROW_COUNTS = (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 19)
+
+
+@pytest.fixture(scope="module")
+def native() -> Int4Product:
+    built = load_int4_product()
+    assert built is not None, "the kernels did not build (is a C compiler on PATH?)"
+    return built
+
+
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory: pytest.TempPathFactory) -> Int4Product:
+    """The plain C build (no AVX512-BF16), as a CPU without those instructions gets it."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler is not None, "no C compiler on PATH"
+    library = tmp_path_factory.mktemp("int4") / "portable.so"
+    subprocess.run(
+        [compiler, "-O2", "-shared", "-fPIC", "-o", str(library), str(SOURCE)],
+        check=True,
+        capture_output=True,
+    )
+    return Int4Product(ctypes.CDLL(str(library)))
+
+
+def layer(in_features: int, out_features: int, seed: int = 0) -> Int4Linear:
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_features, out_features, bias=False)
+    nn.init.normal_(dense.weight, std=0.05)
+    return Int4Linear.from_linear(dense)
+
+
+def laid_out(kernel: Int4Product, int4: Int4Linear) -> torch.Tensor:
+    codes, scales_zeros, _ = int4.parts()
+    return kernel.layout(_unpack_nibbles(codes), scales_zeros[..., 0].t(), scales_zeros[..., 1].t())
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("shape", [(576, 960), (1536, 576), (64, 48)])
+def test_rows_are_the_dequantized_product_and_alike_in_any_batch(
+    build: str, shape: tuple[int, int], request: pytest.FixtureRequest
+) -> None:
+    kernel: Int4Product = request.getfixturevalue(build)
+    in_features, out_features = shape
+    int4 = layer(in_features, out_features)
+    weights = laid_out(kernel, int4)
+    x = torch.randn(max(ROW_COUNTS), in_features).bfloat16()
+    expected = x.float() @ int4.dequantized().t()
+    alone = torch.cat([kernel(x[i : i + 1], weights, out_features) for i in range(len(x))])
+    assert alone.dtype == torch.bfloat16 and alone.shape == expected.shape
+    # bf16 output: 8 significant bits; the sums themselves are float32.
+    assert float((alone.float() - expected).abs().max()) <= 2**-7 * float(expected.abs().max())
+    for rows in ROW_COUNTS:
+        assert torch.equal(kernel(x[:rows], weights, out_features), alone[:rows]), rows
+
+
+def test_the_builds_agree_to_the_output_rounding(
+    native: Int4Product, portable: Int4Product
+) -> None:
+    int4 = layer(576, 192, seed=3)
+    x = torch.randn(6, 576).bfloat16()
+    a = native(x, laid_out(native, int4), 192).float()
+    b = portable(x, laid_out(portable, int4), 192).float()
+    assert float((a - b).abs().max()) <= 2**-7 * float(a.abs().max())
+
+
+def test_shapes_the_layout_cannot_hold_are_refused(native: Int4Product) -> None:
+    codes = torch.zeros(24, 64, dtype=torch.uint8)  # 24 outputs: not whole tiles of 16
+    scales = torch.ones(24, 2, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="whole groups and tiles"):
+        native.layout(codes, scales, scales)
+
+
+def test_without_a_compiler_int4_layers_take_torchs_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(5)
+    dense = nn.Linear(4 * INT4_GROUP, 32, bias=True)
+    compiled = Int4Linear.from_linear(dense)
+    monkeypatch.setattr(quantization, "load_int4_product", lambda: None)
+    fallback = Int4Linear.from_linear(dense)
+    x = torch.randn(3, 4 * INT4_GROUP)
+    with torch.inference_mode():
+        a, b = compiled(x), fallback(x)
+    assert fallback.weight_packed is not None and fallback._kernel is None
+    assert float((a - b).abs().max()) <= 2**-7 * float(a.abs().max())
