@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from services.worker.config import WorkerConfig, add_arguments
+from services.worker.engine import quantization as quantization_module
 from services.worker.engine.factory import create_engine
 from services.worker.engine.hf_engine import HFEngine
 from services.worker.engine.interface import (
@@ -347,12 +348,32 @@ BF16_AVAILABLE = (
 NEEDS_BF16 = pytest.mark.skipif(not BF16_AVAILABLE, reason="no bfloat16 oneDNN products")
 
 
+INT4_LAYOUTS = [
+    pytest.param("int4", True, marks=NEEDS_BF16, id="int4"),
+    pytest.param("int4", False, marks=NEEDS_BF16, id="int4-bf16-prompts"),
+]
+
+
+@pytest.fixture
+def int4_prompts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Whether int4 prompts take the 4-bit layers (else bf16 ones, as on an AMX CPU), whatever
+    this CPU would choose."""
+    chosen = bool(getattr(request, "param", True))
+    monkeypatch.setattr(quantization_module, "int4_prompts_are_fast", lambda: chosen)
+    return chosen
+
+
 @pytest.mark.parametrize(
-    "quantization",
-    ["none", pytest.param("bf16", marks=NEEDS_BF16), pytest.param("int4", marks=NEEDS_BF16)],
+    ("quantization", "int4_prompts"),
+    [
+        ("none", True),
+        pytest.param("bf16", True, marks=NEEDS_BF16, id="bf16"),
+        *INT4_LAYOUTS,
+    ],
+    indirect=["int4_prompts"],
 )
 async def test_engine_reuses_earlier_turns_and_answers_as_without_the_cache(
-    llama_dir: Path, quantization: str
+    llama_dir: Path, quantization: str, int4_prompts: bool
 ) -> None:
     rng = random.Random(2)
     system = [rng.randrange(3, 512) for _ in range(40)]
@@ -376,9 +397,9 @@ async def test_engine_reuses_earlier_turns_and_answers_as_without_the_cache(
         hits = [t.cached_prompt_tokens for t in cached]
         assert hits[0] == 0
         for turn, previous in zip(cached[1:], cached, strict=False):
-            if quantization == "int4":
-                # Only prompt positions are shared (answers took the 4-bit kernel): every later
-                # turn finds the earlier prompt but its last partial block.
+            if quantization == "int4" and not int4_prompts:
+                # Only prompt positions are shared (answers took the 4-bit kernel, prompts the
+                # bf16 one): every later turn finds the earlier prompt but its last partial block.
                 assert turn.cached_prompt_tokens == previous.prompt_tokens // B * B
             else:
                 # The whole earlier conversation but its last partial block.
@@ -443,9 +464,11 @@ async def test_a_request_cancelled_mid_prefill_leaves_no_poisoned_block(
         await engine.stop()
 
 
-@pytest.mark.parametrize("quantization", ["none", pytest.param("int4", marks=NEEDS_BF16)])
+@pytest.mark.parametrize(
+    ("quantization", "int4_prompts"), [("none", True), *INT4_LAYOUTS], indirect=["int4_prompts"]
+)
 async def test_preempted_requests_reuse_prefixes_and_answer_as_without_the_cache(
-    llama_dir: Path, quantization: str
+    llama_dir: Path, quantization: str, int4_prompts: bool
 ) -> None:
     rng = random.Random(6)
     system = [rng.randrange(3, 512) for _ in range(70)]
@@ -472,8 +495,8 @@ async def test_preempted_requests_reuse_prefixes_and_answer_as_without_the_cache
     if quantization == "none":
         assert all(r.cached_prompt_tokens > 0 for r in cached)
     else:
-        # int4 shares prompt blocks only: with room for one sequence, some requests start
-        # after the rows' growth evicted them.
+        # With room for one sequence, some requests start after the rows' growth evicted the
+        # shared blocks (with bf16 prompts, int4 shares prompt blocks only).
         assert any(r.cached_prompt_tokens > 0 for r in cached)
         # Batch-invariant modes: each answer is the one the request gets alone, never preempted.
         engine = await started(llama_dir, quantization=quantization, prefix_caching=False)

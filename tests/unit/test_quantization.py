@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from services.worker.engine import quantization
+from services.worker.engine.attention import load_int4_product
 from services.worker.engine.factory import create_engine
 from services.worker.engine.interface import Engine
 from services.worker.engine.loading import (
@@ -28,6 +30,7 @@ from services.worker.engine.quantization import (
     Int8WeightLinear,
     RowSplit,
     SplitLinear,
+    int4_prompts_are_fast,
     quantize,
     quantize_bf16,
 )
@@ -183,16 +186,30 @@ def test_split_layers_take_the_kernel_of_each_row() -> None:
         assert torch.equal(layers[1](x, RowSplit(generated, prompt)), mixed[:, 64:])
 
 
-def test_int4_keeps_the_output_layer_at_8_bits_and_odd_shapes_in_bf16(llama_dir: Path) -> None:
+@pytest.mark.parametrize("int4_prompts", [True, False])
+def test_int4_keeps_the_output_layer_at_8_bits_and_odd_shapes_in_bf16(
+    llama_dir: Path, int4_prompts: bool
+) -> None:
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     model.model.layers[0].mlp.down_proj = linear(128, 40)  # 40 outputs: not a multiple of 16
-    quantize(model, "int4")
+    quantize(model, "int4", int4_prompts=int4_prompts)
     assert isinstance(model.lm_head, SplitLinear)
     assert isinstance(model.lm_head.generated, Int8WeightLinear)
     assert isinstance(model.lm_head.prompt, BF16Linear)
     assert isinstance(model.model.layers[0].mlp.down_proj, BF16Linear)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, SplitLinear)
-    assert isinstance(model.model.layers[1].mlp.down_proj, SplitLinear)
+    layer = Int4Linear if int4_prompts else SplitLinear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, layer)
+    assert isinstance(model.model.layers[1].mlp.down_proj, layer)
+
+
+def test_int4_prompts_take_bf16_where_amx_multiplies_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not int4_prompts_are_fast({"amx_bf16": True, "avx512_bf16": True})
+    kernel = load_int4_product()
+    assert int4_prompts_are_fast({"avx512_bf16": True}) == (
+        kernel is not None and kernel.vectorized
+    )
+    monkeypatch.setattr(quantization, "load_int4_product", lambda: None)  # no C compiler
+    assert not int4_prompts_are_fast({})
 
 
 def test_quantize_replaces_every_linear() -> None:

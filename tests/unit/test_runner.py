@@ -266,16 +266,19 @@ def test_a_bf16_position_computes_the_same_whatever_the_chunking_batch_or_decode
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
 )
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["kv32", "kv16-fused"])
+@pytest.mark.parametrize("int4_prompts", [True, False], ids=["int4-prompts", "bf16-prompts"])
 def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recompute(
-    kv_dtype: torch.dtype,
+    kv_dtype: torch.dtype, int4_prompts: bool
 ) -> None:
-    """Under int4 quantization generated positions take the 4-bit kernel and prompt positions
-    the bf16 one, by what the position holds: a generated token's logits are equal bit for bit
-    whether it was decoded step by step, alone or beside another sequence, or recomputed with
-    the prompt in one or several chunks after a preemption."""
+    """Under int4 quantization generated positions take the 4-bit kernel, and prompt positions
+    the 4-bit one too or the bf16 one, by what the position holds: a generated token's logits
+    are equal bit for bit whether it was decoded step by step, alone or beside another
+    sequence, or recomputed with the prompt in one or several chunks after a preemption. With
+    4-bit prompts, earlier answers resent as a prompt compute as they did when generated (what
+    lets a prefix cache share them)."""
     from services.worker.engine.quantization import quantize
 
-    model = quantize(tiny("llama"), "int4")
+    model = quantize(tiny("llama"), "int4", int4_prompts=int4_prompts)
     rng = random.Random(9)
     prompt = [rng.randrange(3, VOCAB) for _ in range(21)]
     generated = [rng.randrange(3, VOCAB) for _ in range(12)]
@@ -306,15 +309,20 @@ def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recom
         for neighbour in (False, True):
             got = last_logits(chunks, neighbour=neighbour, prompt_length=21)
             assert torch.equal(got, decoded), (chunks, neighbour)
-    # The same tokens as one long prompt take the bf16 kernel everywhere: another rounding.
-    assert not torch.equal(last_logits([33], neighbour=False, prompt_length=None), decoded)
+    # The answer resent as a prompt, then one more token generated (the output layer differs
+    # for prompt and generated positions, so compare a generated one): the same logits where
+    # prompts take the 4-bit layers, another rounding where they take bf16 ones.
+    tokens.append(rng.randrange(3, VOCAB))
+    after_decoding = last_logits([21] + [1] * 13, neighbour=False, prompt_length=21)
+    after_prompt = last_logits([33, 1], neighbour=False, prompt_length=33)
+    assert torch.equal(after_prompt, after_decoding) == int4_prompts
 
 
 @pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
 )
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("mode", ["bf16", "int4"])
+@pytest.mark.parametrize("mode", ["bf16", "int4", "int4-bf16-prompts"])
 def test_fused_layers_compute_what_the_torch_path_does_up_to_the_norms_rounding(
     kind: str, mode: str
 ) -> None:
@@ -323,7 +331,7 @@ def test_fused_layers_compute_what_the_torch_path_does_up_to_the_norms_rounding(
     round otherwise, prefilling and decoding several sequences at once."""
     from services.worker.engine.quantization import quantize
 
-    model = quantize(tiny(kind), mode)
+    model = quantize(tiny(kind), mode.split("-")[0], int4_prompts=mode == "int4")
     rng = random.Random(11)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (19, 40, 7)]
 
@@ -361,6 +369,7 @@ def test_fused_layers_only_where_the_glue_computes_the_model() -> None:
         assert not PackedRunner(
             bf16, 4, 4096, kv_dtype=torch.bfloat16, attention_kernel=False
         ).fused_layers
-        int4 = quantize(tiny("llama"), "int4")
-        assert PackedRunner(int4, 4, 4096, kv_dtype=torch.bfloat16).fused_layers
-        assert not PackedRunner(int4, 4, 4096).fused_layers
+        for int4_prompts in (True, False):
+            int4 = quantize(tiny("llama"), "int4", int4_prompts=int4_prompts)
+            assert PackedRunner(int4, 4, 4096, kv_dtype=torch.bfloat16).fused_layers
+            assert not PackedRunner(int4, 4, 4096).fused_layers

@@ -228,6 +228,10 @@ class Int4Product:
         self._product = library.chatfleet_int4_product
         self._product.argtypes = [pointer, int64, int64, pointer, int64, int64, int64, pointer]
         self._product.restype = ctypes.c_int
+        vectorized = library.chatfleet_int4_vectorized
+        vectorized.restype = ctypes.c_int
+        # AVX512-BF16 dot products; else a plain C loop (as exact, several times slower).
+        self.vectorized = bool(vectorized())
 
     def layout(
         self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor

@@ -1,4 +1,4 @@
-/* The int4 mode's product for generated tokens: bf16 rows times 4-bit weights (quantization.py's
+/* The int4 mode's 4-bit product: bf16 rows times 4-bit weights (quantization.py's
  * Int4Linear, w = (code - 8) * scale + zero in groups of 32 inputs), bf16 results.
  *
  * Every output is computed by the same arithmetic in the same order whatever the number of rows:
@@ -186,6 +186,15 @@ static void product(const uint16_t *x, int64_t m, int64_t k, const uint8_t *w, i
             }
 }
 #endif
+
+/* 1 where the product runs on AVX512-BF16 dot products, 0 where it is the plain C loop. */
+int chatfleet_int4_vectorized(void) {
+#ifdef INT4_BF16_DOT
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* out [m, n] bf16 = x [m, k] bf16 times the laid-out weights, output tiles [t0, t1) of 16
  * (callers split the tiles between threads). 0, or -1 for shapes the layout cannot hold. */

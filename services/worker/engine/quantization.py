@@ -12,13 +12,14 @@ Three modes, all approximate (greedy output differs from float32 `generate` afte
   torch.compile's CPU backend uses). Half the float32 bytes, and on an AMX CPU faster than int8
   at every batch size measured (bench/linear_kernels.py, bench/README.md). Rows are
   independent: each output row is the same in any batch (tested).
-- int4: generated tokens go through 4-bit weights in groups of 32 with a bfloat16 scale and zero
-  each (Int4Linear: a GGUF file's own Q4 grid, an eighth of the float32 bytes, bfloat16
-  activations, float32 accumulation; the compiled kernel of int4_kernel.c, or torch's where no C
-  compiler works), prompt tokens through the bf16 layers (SplitLinear says why). The output
-  layer takes 8-bit weights for generated tokens (Int8WeightLinear; a GGUF keeps it at 8 bits or
-  more) and bf16 for prompts. Rows are independent, and which kernel a row takes depends on its
-  position's token only.
+- int4: 4-bit weights in groups of 32 with a bfloat16 scale and zero each (Int4Linear: a GGUF
+  file's own Q4 grid, an eighth of the float32 bytes, bfloat16 activations, float32
+  accumulation; the compiled kernel of int4_kernel.c, or torch's where no C compiler works). On
+  CPUs where bf16 products are much faster than the 4-bit ones for hundreds of rows (AMX tiles,
+  or no vectorized 4-bit kernel), only generated tokens take them and prompt tokens go through
+  bf16 layers (SplitLinear, `int4_prompts_are_fast`). The output layer takes 8-bit weights for
+  generated tokens (Int8WeightLinear; a GGUF keeps it at 8 bits or more) and bf16 for prompts.
+  Rows are independent, and which kernel a row takes depends on its position's token only.
 
 Everything outside the linear layers (norms, attention, rotary positions) stays float32.
 """
@@ -59,6 +60,20 @@ INT8_DOT_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 # 34.5 tok/s single stream and 290 at 16 streams against float32's 19.3 and 127, as fast as int8
 # under load and far closer to float32's greedy tokens.
 BF16_MATMUL_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
+def int4_prompts_are_fast(features: Mapping[str, object] | None = None) -> bool:
+    """Whether prompt positions take the 4-bit layers too under int4 (else bf16 ones): where the
+    compiled 4-bit product is vectorized (AVX512-BF16) and no AMX tiles make bf16 several times
+    faster for prompt-sized batches. Measured on an AMD EPYC with AVX512-BF16 and no AMX, one
+    thread, 1536 x 576: 1.13 ms against oneDNN bf16's 1.00 ms at 256 rows (bench/README.md). A
+    prefix cache can then share the blocks of answers too (engine/runner.py)."""
+    if features is None:
+        features = torch.cpu.get_capabilities()
+    if features.get("amx_bf16", False):
+        return False
+    kernel = load_int4_product()
+    return kernel is not None and kernel.vectorized
 
 
 def int8_matmul_is_fast(features: Mapping[str, object] | None = None) -> bool:
@@ -420,10 +435,11 @@ class RowSplit:
 
 
 class SplitLinear(nn.Module):
-    """The int4 mode's layer: the same weights twice, 4-bit (Int4Linear) for the positions of
-    generated tokens, bfloat16 (BF16Linear) for those of prompt tokens. Decoding feeds one row per
-    stream per step, where reading the weights is the cost and 4 bits read four times less;
-    prompts feed hundreds of rows, where the products are the cost and AMX's bf16 tiles win
+    """The int4 mode's layer where `int4_prompts_are_fast` says no, and its output layer: the
+    same weights twice, low-bit (Int4Linear, Int8WeightLinear) for the positions of generated
+    tokens, bfloat16 (BF16Linear) for those of prompt tokens. Decoding feeds one row per stream
+    per step, where reading the weights is the cost and 4 bits read four times less; prompts
+    feed hundreds of rows, where the products are the cost and AMX's bf16 tiles win
     (bench/README.md). The kernel is chosen by what a position holds, never by the batch: each
     position computes the same in any batch, chunking or preemption (tested). A prefix cache must
     share only blocks of prompt positions (engine/runner.py). Without a RowSplit (transformers'
@@ -492,49 +508,53 @@ def quantize_bf16(model: nn.Module) -> int:
     return replaced
 
 
-def quantize_int4(model: nn.Module) -> int:
-    """Replace the nn.Linear layers of `model` in place by SplitLinear (4-bit for generated
-    tokens, bf16 for prompts), all but the output layer (8-bit for generated tokens, bf16 for
-    prompts) and those whose shape the 4-bit kernel cannot take, which become BF16Linear (float32
-    rows would depend on the batch: MKL picks its kernel by the row count). Returns how many
-    layers are split to 4 bits."""
+def quantize_int4(model: nn.Module, int4_prompts: bool | None = None) -> int:
+    """Replace the nn.Linear layers of `model` in place by Int4Linear (`int4_prompts`, by
+    default where `int4_prompts_are_fast`) or SplitLinear (4-bit for generated tokens, bf16 for
+    prompts), all but the output layer (8-bit for generated tokens, bf16 for prompts) and those
+    whose shape the 4-bit kernel cannot take, which become BF16Linear (float32 rows would depend
+    on the batch: MKL picks its kernel by the row count). Returns how many layers take 4 bits."""
     try:
         torch._convert_weight_to_int4pack_for_cpu(torch.zeros(16, INT4_GROUP, dtype=torch.int32), 1)
     except (RuntimeError, AttributeError) as error:
         raise ValueError(f"int4 matrix products are not available here: {error}") from error
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("int4 mode runs prompts on bfloat16 oneDNN products: not available here")
+    if int4_prompts is None:
+        int4_prompts = int4_prompts_are_fast()
     output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    split = bf16_only = 0
+    int4 = bf16_only = 0
 
     def convert(linear: nn.Linear) -> nn.Module:
-        nonlocal split, bf16_only
+        nonlocal int4, bf16_only
         if linear is output:
             return SplitLinear(Int8WeightLinear.from_linear(linear), BF16Linear.from_linear(linear))
         if Int4Linear.supports(linear):
-            split += 1
-            return SplitLinear.from_linear(linear)
+            int4 += 1
+            return (Int4Linear if int4_prompts else SplitLinear).from_linear(linear)
         bf16_only += 1
         return BF16Linear.from_linear(linear)
 
     _replace_linears(model, convert)
     logger.info(
-        "quantized %d linear layers to int4 for generated tokens and bfloat16 for prompts, "
-        "the output layer to int8 and bfloat16, %d others to bfloat16",
-        split,
+        "quantized %d linear layers to int4 for %s, the output layer to int8 for generated "
+        "tokens and bfloat16 for prompts, %d others to bfloat16",
+        int4,
+        "every token" if int4_prompts else "generated tokens and bfloat16 for prompts",
         bf16_only,
     )
-    return split
+    return int4
 
 
-def quantize(model: nn.Module, mode: str) -> nn.Module:
-    """Apply a resolved quantization mode ("none", "int8", "bf16", "int4") to `model` in place."""
+def quantize(model: nn.Module, mode: str, *, int4_prompts: bool | None = None) -> nn.Module:
+    """Apply a resolved quantization mode ("none", "int8", "bf16", "int4") to `model` in place
+    (`int4_prompts`: see quantize_int4)."""
     if mode == "int8":
         quantize_int8(model)
     elif mode == "bf16":
         quantize_bf16(model)
     elif mode == "int4":
-        quantize_int4(model)
+        quantize_int4(model, int4_prompts)
     elif mode != "none":
         raise ValueError(f"unknown quantization mode {mode!r}")
     return model

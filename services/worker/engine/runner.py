@@ -130,9 +130,10 @@ class ModelRunner(abc.ABC):
         self, key: Hashable, token_ids: Sequence[int], prompt_length: int | None = None
     ) -> int:
         """For a sequence without a cache row: load the keys and values of the longest cached
-        prefix of `token_ids` (all but its last token at most; under int4 quantization its
-        first `prompt_length` at most: cached blocks hold prompt positions) into a new row for
-        `key`; the positions loaded, 0 when nothing is cached (no row is made then)."""
+        prefix of `token_ids` (all but its last token at most; under int4 quantization with
+        bf16 prompts, its first `prompt_length` at most: cached blocks hold prompt positions)
+        into a new row for `key`; the positions loaded, 0 when nothing is cached (no row is
+        made then)."""
         return 0
 
     def prefix_cache_tokens(self) -> int:
@@ -226,9 +227,13 @@ class PackedRunner(ModelRunner):
         # Per-head q/k norms (Qwen3) sit between the projection and the rotation; without them
         # q and k are rotated together, in one pass over both.
         self._qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
-        # int4 quantization: generated and prompt positions take different kernels (SplitLinear),
-        # so only blocks of prompt positions are the same as a later prompt would compute.
+        # int4 quantization: generated and prompt positions take different kernels (SplitLinear)
+        # in the output layer, and in the decoder layers too where prompts take bf16: only
+        # blocks of prompt positions are then the same as a later prompt would compute.
         self._split = any(isinstance(m, SplitLinear) for m in model.modules())
+        self._prompt_blocks_only = any(
+            isinstance(m, SplitLinear) for layer in self.layers for m in layer.modules()
+        )
         # On the CPU, attention is one batch-invariant kernel call per layer (attention.py);
         # elsewhere, or where it cannot be built, SDPA per block (_attention_groups).
         self._attention: CpuAttention | None = None
@@ -639,7 +644,9 @@ class PackedRunner(ModelRunner):
             return 0
         size = prefix.block_size
         shareable = (
-            token_ids if not self._split or prompt_length is None else token_ids[:prompt_length]
+            token_ids
+            if not self._prompt_blocks_only or prompt_length is None
+            else token_ids[:prompt_length]
         )
         chain = prefix.match(shareable)
         # At least the last token is computed: its logits are what the sequence samples from.
@@ -664,8 +671,9 @@ class PackedRunner(ModelRunner):
         return matched
 
     def _record(self, items: Sequence[ForwardItem]) -> None:
-        """Note the tokens whose positions the items computed (under int4 quantization, only
-        prompt positions: generated ones took another kernel than a prompt would)."""
+        """Note the tokens whose positions the items computed (under int4 quantization with
+        bf16 prompts, only prompt positions: generated ones took another kernel than a prompt
+        would)."""
         assert self._prefix is not None
         size = self._prefix.block_size
         for item in items:
@@ -678,7 +686,7 @@ class PackedRunner(ModelRunner):
                 del tokens[item.start :]
                 del chain[item.start // size :]
             shared = item.token_ids
-            if self._split and item.prompt_length is not None:
+            if self._prompt_blocks_only and item.prompt_length is not None:
                 shared = shared[: max(0, item.prompt_length - item.start)]
                 if not shared:
                     continue
@@ -905,6 +913,8 @@ def refine_near_ties(
 
 def _takes_bf16(layer: nn.Module) -> bool:
     """Whether `_bf16_product` computes the layer."""
+    if isinstance(layer, Int4Linear):
+        return True
     if isinstance(layer, SplitLinear):
         return isinstance(layer.prompt, BF16Linear) and layer.prompt.weight_packed is not None
     return isinstance(layer, BF16Linear) and layer.weight_packed is not None
@@ -915,7 +925,7 @@ def _bf16_product(layer: nn.Module, x: torch.Tensor, split: RowSplit | None) -> 
     round trip)."""
     if isinstance(layer, SplitLinear):
         return layer.bf16_product(x, split)
-    assert isinstance(layer, BF16Linear)
+    assert isinstance(layer, BF16Linear | Int4Linear)
     return layer.bf16_product(x)
 
 
