@@ -309,9 +309,9 @@ def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recom
         for neighbour in (False, True):
             got = last_logits(chunks, neighbour=neighbour, prompt_length=21)
             assert torch.equal(got, decoded), (chunks, neighbour)
-    # The answer resent as a prompt, then one more token generated (the output layer differs
-    # for prompt and generated positions, so compare a generated one): the same logits where
-    # prompts take the 4-bit layers, another rounding where they take bf16 ones.
+    # The answer resent as a prompt, then one more token generated (with bf16 prompts the
+    # output layer differs for prompt and generated positions, so compare a generated one): the
+    # same logits where prompts take the 4-bit layers, another rounding where they take bf16.
     tokens.append(rng.randrange(3, VOCAB))
     after_decoding = last_logits([21] + [1] * 13, neighbour=False, prompt_length=21)
     after_prompt = last_logits([33, 1], neighbour=False, prompt_length=33)
