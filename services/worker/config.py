@@ -117,7 +117,7 @@ class WorkerConfig:
                 f"--quantization must be one of {', '.join(QUANTIZATIONS)}, "
                 f"got {self.quantization!r}"
             )
-        if self.quantization in ("int8", "bf16", "int4") and self.device not in ("auto", "cpu"):
+        if self.quantization not in ("auto", "none") and self.device not in ("auto", "cpu"):
             raise ValueError(
                 f"--quantization {self.quantization} (or --load-8bit): {self.quantization} "
                 f"weights run on the CPU only, not on {self.device}; use --device cpu or drop "
@@ -375,9 +375,11 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         "equals float32 generate; bf16 (approximate: differs from float32 generate): bfloat16 "
         "weights pre-packed for oneDNN, a speed-up with AMX; int8 (approximate, likewise): int8 "
         "weights and per-token int8 activations, a speed-up only with VNNI or AMX int8 "
-        "instructions; int4 (approximate, likewise): generated tokens through 4-bit weights (a "
-        "Q4 GGUF's own grid), prompts through bf16 ones, fastest for one or a few streams, "
-        "slower than bf16 for many; auto (the default): for generative models on a CPU, bf16 "
+        "instructions; int4 (approximate, likewise): 4-bit weights (a Q4 GGUF's own grid) for "
+        "generated tokens, and for prompts where that beats bf16 layers (no AMX), fastest for "
+        "one or a few streams; w4a8 (approximate, and sooner): int4 with inputs rounded to 8 "
+        "bits (int8 dot products, as llama.cpp), faster under load; auto (the default): for "
+        "generative models on a CPU, bf16 "
         "with AMX-BF16, else int8 with VNNI, else none; embeddings and GPUs stay none. The "
         "worker logs the mode it resolved to",
     )

@@ -369,6 +369,7 @@ def int4_prompts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         ("none", True),
         pytest.param("bf16", True, marks=NEEDS_BF16, id="bf16"),
         *INT4_LAYOUTS,
+        pytest.param("w4a8", True, marks=NEEDS_BF16, id="w4a8"),
     ],
     indirect=["int4_prompts"],
 )

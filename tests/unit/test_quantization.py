@@ -205,6 +205,15 @@ def test_int4_keeps_the_output_layer_at_8_or_16_bits_and_odd_shapes_in_bf16(
     assert isinstance(model.model.layers[1].mlp.down_proj, layer)
 
 
+def test_w4a8_takes_4_bits_with_8_bit_inputs_for_every_token(llama_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    quantize(model, "w4a8", int4_prompts=False)  # w4a8 has no bf16 prompt layers
+    assert isinstance(model.lm_head, BF16Linear)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, Int4Linear) and q_proj.eight_bit_inputs
+    assert "8-bit inputs" in repr(q_proj)
+
+
 def test_int4_prompts_take_bf16_where_amx_multiplies_it(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not int4_prompts_are_fast({"amx_bf16": True, "avx512_bf16": True})
     kernel = load_int4_product()
@@ -243,6 +252,7 @@ def test_quantize_replaces_every_linear() -> None:
         ("bf16", "cpu", ModelKind.CAUSAL_LM, AVX2_ONLY, "bf16"),
         ("int8", "cpu", ModelKind.CAUSAL_LM, WITH_AMX, "int8"),
         ("int4", "cpu", ModelKind.CAUSAL_LM, WITH_AMX, "int4"),
+        ("w4a8", "cpu", ModelKind.CAUSAL_LM, WITH_VNNI, "w4a8"),
         ("none", "cpu", ModelKind.CAUSAL_LM, WITH_AMX, "none"),
     ],
 )
@@ -290,7 +300,7 @@ async def started(path: Path, quantization: str = "bf16", **options: object) -> 
     return engine
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int4"])
+@pytest.mark.parametrize("mode", ["bf16", "int4", "w4a8"])
 async def test_engine_greedy_is_batch_invariant(
     llama_dir: Path, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:

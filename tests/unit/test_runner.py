@@ -322,7 +322,7 @@ def test_an_int4_position_computes_the_same_whatever_the_batch_chunking_or_recom
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 oneDNN products"
 )
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("mode", ["bf16", "int4", "int4-bf16-prompts"])
+@pytest.mark.parametrize("mode", ["bf16", "int4", "int4-bf16-prompts", "w4a8"])
 def test_fused_layers_compute_what_the_torch_path_does_up_to_the_norms_rounding(
     kind: str, mode: str
 ) -> None:

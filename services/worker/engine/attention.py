@@ -12,10 +12,12 @@ writes, conversions, the gate) took as long as the products. Written by hand, ea
 arithmetic stays fixed whatever the batch, which a generated kernel (torch.compile) does not
 promise.
 
-The library also holds the int4 mode's product for generated tokens (int4_kernel.c,
-`Int4Product`): torch's own 4-bit kernel costs twice oneDNN's bf16 per row at eight rows, the
-hand-written one (bf16 dot products over codes placed under a bf16 exponent) less than bf16 at
-every row count measured (bench/README.md), and it too sums each output alike in any batch.
+The library also holds the 4-bit products of the int4 and w4a8 modes (int4_kernel.c,
+int4_q8_kernel.c, `Int4Product`): torch's own 4-bit kernel costs twice oneDNN's bf16 per row at
+eight rows; the hand-written int4 one (bf16 dot products over codes placed under a bf16
+exponent) less than bf16 up to 8 rows and about as much beyond, the w4a8 one (inputs rounded to
+8 bits, int8 dot products) 0.7x bf16 at 256 rows (bench/README.md); both sum each output alike in
+any batch.
 
 The kernels are compiled with the system's C compiler on first use (about a second) into a cache
 keyed by their sources, their flags and this CPU, and loaded with ctypes. Where no compiler works
@@ -39,8 +41,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("attention_kernel.c", "int4_kernel.c"))
-_HEADERS = (Path(__file__).with_name("bf16.h"),)
+_SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("attention_kernel.c", "int4_kernel.c", "int4_q8_kernel.c")
+)
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16.h", "int4_blocks.h"))
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 _NATIVE = "-march=native"
 # What the kernel takes (attention_kernel.c): head_dim a multiple of LANES, fixed buffers.
@@ -212,25 +217,30 @@ class LayerGlue:
 
 
 class Int4Product:
-    """int4_kernel.c: bf16 rows times 4-bit weights in groups of 32 inputs (quantization.py's
-    Int4Linear), in the kernel's own weight layout."""
+    """bf16 rows times 4-bit weights in groups of 32 inputs (quantization.py's Int4Linear), in the
+    kernel's own weight layout: int4_kernel.c (bf16 dot products over the bf16 inputs), or with
+    `eight_bit_inputs` int4_q8_kernel.c (the inputs rounded to 8 bits per group, int8 dot
+    products, as llama.cpp; twice the products an instruction)."""
 
     TILE = 16
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, eight_bit_inputs: bool = False) -> None:
         pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+        self.eight_bit_inputs = eight_bit_inputs
+        name = "chatfleet_int4_q8" if eight_bit_inputs else "chatfleet_int4"
         self._bytes = library.chatfleet_int4_layout_bytes
         self._bytes.argtypes = [int64, int64]
         self._bytes.restype = int64
-        self._layout = library.chatfleet_int4_layout
+        self._layout = getattr(library, f"{name}_layout")
         self._layout.argtypes = [pointer, pointer, pointer, int64, int64, pointer]
         self._layout.restype = ctypes.c_int
-        self._product = library.chatfleet_int4_product
+        self._product = getattr(library, f"{name}_product")
         self._product.argtypes = [pointer, int64, int64, pointer, int64, int64, int64, pointer]
         self._product.restype = ctypes.c_int
-        vectorized = library.chatfleet_int4_vectorized
+        vectorized = getattr(library, f"{name}_vectorized")
         vectorized.restype = ctypes.c_int
-        # AVX512-BF16 dot products; else a plain C loop (as exact, several times slower).
+        # AVX512-BF16 (AVX512-VNNI for 8-bit inputs) dot products; else a plain C loop (as
+        # exact, several times slower).
         self.vectorized = bool(vectorized())
 
     def layout(
@@ -286,10 +296,10 @@ def load_layer_glue() -> LayerGlue | None:
     return None if library is None else LayerGlue(library)
 
 
-def load_int4_product() -> Int4Product | None:
+def load_int4_product(eight_bit_inputs: bool = False) -> Int4Product | None:
     """The compiled int4 product, or None where it cannot be built."""
     library = _library()
-    return None if library is None else Int4Product(library)
+    return None if library is None else Int4Product(library, eight_bit_inputs)
 
 
 def _build() -> Path:

@@ -21,18 +21,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include "bf16.h"
+#include "int4_blocks.h"
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
 #define INT4_BF16_DOT 1
 #endif
 
-#define GROUP 32
-#define TILE 16
-#define CODE_BYTES (GROUP * TILE / 2)              /* 256 */
-#define GROUP_BYTES (CODE_BYTES + 2 * TILE * 2)    /* codes, scales, zeros: 320 */
-#define CHUNKS (CODE_BYTES / 32)                   /* 32-byte loads a group: 4 inputs x 16 */
-#define MAX_ROWS 8
-#define MAX_TILES 8
+#define CHUNKS (CODE_BYTES / 32) /* 32-byte loads a group: 4 inputs x 16 */
 
 /* Where code j of chunk c of a group's 256 bytes lands: byte 2 * column + (input & 1) of the
  * chunk input / 4, in its low nibble for inputs 4c + 0, 1 and its high nibble for 4c + 2, 3. So
@@ -70,11 +64,6 @@ int chatfleet_int4_layout(const uint8_t *codes, const uint16_t *scales, const ui
 }
 
 #ifdef INT4_BF16_DOT
-static inline __m512 load_bf16x16(const void *p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 /* Rows [0, R) times tiles [0, C) of 16 outputs. x pairs: row r's inputs (2i, 2i+1) at
  * pairs[r * pair_stride + i]. */
 static inline __attribute__((always_inline)) void block(
@@ -128,35 +117,10 @@ static inline __attribute__((always_inline)) void block(
     block((const uint32_t *)x + r0 * (k / 2), k / 2, R, w + t * tile_bytes, tile_bytes, C,   \
           sums + r0 * groups, groups, out + r0 * n + t * TILE, n)
 
-/* Rows in blocks of 8 (then 4, then the rest), each block over its tiles a few at a time: as
- * many independent sums as the registers hold. */
 static void product(const uint16_t *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                     int64_t t0, int64_t t1, const float *sums, uint16_t *out) {
     const int64_t groups = k / GROUP, tile_bytes = groups * GROUP_BYTES;
-    int64_t r0 = 0;
-    for (; r0 + 8 <= m; r0 += 8) {
-        int64_t t = t0;
-        for (; t + 2 <= t1; t += 2) BLOCK(8, 2);
-        for (; t < t1; t++) BLOCK(8, 1);
-    }
-    for (; r0 + 4 <= m; r0 += 4) {
-        int64_t t = t0;
-        for (; t + 4 <= t1; t += 4) BLOCK(4, 4);
-        for (; t < t1; t++) BLOCK(4, 1);
-    }
-    const int64_t rest = m - r0;
-    int64_t t = t0;
-    if (rest == 3) {
-        for (; t + 4 <= t1; t += 4) BLOCK(3, 4);
-        for (; t < t1; t++) BLOCK(3, 1);
-    } else if (rest == 2) {
-        for (; t + 4 <= t1; t += 4) BLOCK(2, 4);
-        for (; t < t1; t++) BLOCK(2, 1);
-    } else if (rest == 1) {
-        for (; t + 8 <= t1; t += 8) BLOCK(1, 8);
-        for (; t + 4 <= t1; t += 4) BLOCK(1, 4);
-        for (; t < t1; t++) BLOCK(1, 1);
-    }
+    INT4_BLOCKS(BLOCK);
 }
 #else
 static void product(const uint16_t *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,

@@ -33,16 +33,17 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # plus cuda:N
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # names of torch dtypes, plus auto
-QUANTIZATIONS = ("auto", "none", "int8", "bf16", "int4")
+QUANTIZATIONS = ("auto", "none", "int8", "bf16", "int4", "w4a8")
 # What each resolved mode means for the output, for logs and --help: only none is exact.
 QUANTIZATION_EXACTNESS = {
     "none": "exact: greedy output equals float32 generate",
     "int8": "approximate: differs from float32 generate",
     "bf16": "approximate: differs from float32 generate",
     "int4": "approximate: differs from float32 generate",
+    "w4a8": "approximate: differs from float32 generate, sooner than int4",
 }
 # Quantization modes whose KV cache is bf16 for a float32 model (`LoadedModel.kv_dtype`).
-BF16_KV_MODES = frozenset({"bf16", "int4"})
+BF16_KV_MODES = frozenset({"bf16", "int4", "w4a8"})
 # A config may claim 128k positions; a KV cache that long per request does not fit a worker's memory
 # budget, so the served context is capped. Models without any position limit get the fallback.
 MAX_CONTEXT_LENGTH = 32_768
@@ -88,8 +89,10 @@ class EngineOptions:
     # some tokens: bench/README.md):
     # int8: int8 weights and per-token int8 activations, a quarter of the float32 bytes;
     # bf16: bfloat16 weights pre-packed for oneDNN (AMX), half the bytes, faster than int8 on AMX.
-    # int4: generated tokens through 4-bit weights (a Q4 GGUF's own grid), prompts through the
-    # bf16 layers: fastest for few streams, slower than bf16 for many (bench/README.md).
+    # int4: 4-bit weights (a Q4 GGUF's own grid) for generated tokens, and for prompts too where
+    # that is faster than bf16 layers (no AMX): fastest for few streams (bench/README.md).
+    # w4a8: int4 with inputs rounded to 8 bits (int8 dot products, as llama.cpp): faster than int4
+    # under load and for prompts, further from float32.
     # auto: for generative models on a CPU, bf16 where it has AMX-BF16, else int8 where it has
     # int8 dot products (VNNI, AMX-INT8), else none (int8 is slower without them).
     # In-process engines (tests, bench scripts) default to none, exact; the worker's flag defaults
@@ -483,7 +486,7 @@ def resolve_quantization(
             ", ".join(INT8_DOT_FEATURES + BF16_MATMUL_FEATURES),
         )
         return "none"
-    if requested in ("bf16", "int4") and on_cpu and not bf16_matmul_is_fast(cpu_features):
+    if requested in ("bf16", "int4", "w4a8") and on_cpu and not bf16_matmul_is_fast(cpu_features):
         logger.warning(
             "--quantization %s on a CPU without %s: bfloat16 products may be slower than "
             "full precision here",

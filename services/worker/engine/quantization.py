@@ -1,6 +1,6 @@
 """Linear layers with smaller weights whose results do not depend on the batch.
 
-Three modes, all approximate (greedy output differs from float32 `generate` after some tokens):
+Four modes, all approximate (greedy output differs from float32 `generate` after some tokens):
 
 - int8: int8 weights with one scale per output channel; activations are quantized per token (per
   row) at each call; the product accumulates exactly in int32 (torch._int_mm). Because every row
@@ -22,6 +22,10 @@ Three modes, all approximate (greedy output differs from float32 `generate` afte
   for all (oneDNN's bf16 product beats torch's 8-bit one from 8 rows on: 2.5 against 3.8 ms at
   8 rows of the default model's, 1.9 against 1.8 ms at one). Rows are independent, and which
   kernel a row takes depends on its position's token only.
+- w4a8: int4's layers for every token, but the compiled kernel rounds each row's inputs to 8
+  bits per group of 32 and multiplies them by the codes with int8 dot products (AVX512-VNNI), as
+  llama.cpp does: twice the products an instruction, and greedy output leaves float32's far
+  sooner than int4's (bench/README.md). Rows are independent here too.
 
 Everything outside the linear layers (norms, attention, rotary positions) stays float32.
 """
@@ -286,17 +290,25 @@ class Int4Linear(_PackedLinear):
     8 rows and about as much at 16 (bench/README.md)."""
 
     def __init__(
-        self, codes: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None
+        self,
+        codes: torch.Tensor,
+        scales_zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        eight_bit_inputs: bool = False,
     ) -> None:
         out_features, half = codes.shape
         super().__init__(half * 2, out_features)
+        self.eight_bit_inputs = eight_bit_inputs
         # Two codes a byte, [out, in / 2] (low nibble first): kept to fuse layers, as the
         # kernel's packed layout interleaves rows and cannot be concatenated.
         self.register_buffer("codes", codes)
         self.register_buffer("scales_zeros", scales_zeros)  # [in / group, out, 2] bfloat16
         self.register_buffer("bias", bias)  # float32 or None
-        # The compiled kernel's layout where it builds (attention.py), else torch's.
-        self._kernel = load_int4_product()
+        # The compiled kernel's layout where it builds (attention.py), else torch's (whose
+        # inputs are bf16: the w4a8 mode needs the compiled one).
+        self._kernel = load_int4_product(eight_bit_inputs)
+        if self._kernel is None and eight_bit_inputs:
+            raise ValueError("w4a8 needs the compiled int4 kernel, which did not build here")
         self.weight_packed: torch.Tensor | None = (
             torch._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(codes).to(torch.int32), 1)
             if self._kernel is None
@@ -311,7 +323,7 @@ class Int4Linear(_PackedLinear):
         return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, eight_bit_inputs: bool = False) -> Int4Linear:
         """Round each group to 16 levels between its minimum and its maximum (exactly the
         file's levels when the weights came from a 4-bit GGUF grid)."""
         weight = linear.weight.detach().float()
@@ -328,7 +340,7 @@ class Int4Linear(_PackedLinear):
         codes = codes.to(torch.uint8).reshape(out_features, in_features)
         scales_zeros = torch.stack((scale_bf16.t(), zero_bf16.t()), dim=-1).contiguous()
         bias = None if linear.bias is None else linear.bias.detach().float()
-        return cls(_pack_nibbles(codes), scales_zeros, bias)
+        return cls(_pack_nibbles(codes), scales_zeros, bias, eight_bit_inputs)
 
     def dequantized(self) -> torch.Tensor:
         """The [out, in] float32 weights the kernel multiplies by."""
@@ -358,6 +370,7 @@ class Int4Linear(_PackedLinear):
             torch.cat([codes for codes, _, _ in parts]),
             torch.cat([scales_zeros for _, scales_zeros, _ in parts], dim=1),
             cat_optional([bias for _, _, bias in parts], [n.out_features for n in layers]),
+            layers[0].eight_bit_inputs,
         )
 
     def _drop_weights(self) -> None:
@@ -385,7 +398,8 @@ class Int4Linear(_PackedLinear):
         )
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4"
+        inputs = ", 8-bit inputs" if self.eight_bit_inputs else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4{inputs}"
 
 
 class Int8WeightLinear(_PackedLinear):
@@ -510,20 +524,25 @@ def quantize_bf16(model: nn.Module) -> int:
     return replaced
 
 
-def quantize_int4(model: nn.Module, int4_prompts: bool | None = None) -> int:
+def quantize_int4(
+    model: nn.Module, int4_prompts: bool | None = None, eight_bit_inputs: bool = False
+) -> int:
     """Replace the nn.Linear layers of `model` in place by Int4Linear (`int4_prompts`, by
     default where `int4_prompts_are_fast`) or SplitLinear (4-bit for generated tokens, bf16 for
     prompts), all but the output layer (bf16; with bf16 prompts, 8-bit for generated tokens) and
     those whose shape the 4-bit kernel cannot take, which become BF16Linear (float32 rows would
-    depend on the batch: MKL picks its kernel by the row count). Returns how many layers take 4
-    bits."""
+    depend on the batch: MKL picks its kernel by the row count). `eight_bit_inputs`: the w4a8
+    mode, every row through the 4-bit layers with inputs rounded to 8 bits. Returns how many
+    layers take 4 bits."""
     try:
         torch._convert_weight_to_int4pack_for_cpu(torch.zeros(16, INT4_GROUP, dtype=torch.int32), 1)
     except (RuntimeError, AttributeError) as error:
         raise ValueError(f"int4 matrix products are not available here: {error}") from error
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("int4 mode runs prompts on bfloat16 oneDNN products: not available here")
-    if int4_prompts is None:
+    if eight_bit_inputs:
+        int4_prompts = True
+    elif int4_prompts is None:
         int4_prompts = int4_prompts_are_fast()
     output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     int4 = bf16_only = 0
@@ -536,14 +555,17 @@ def quantize_int4(model: nn.Module, int4_prompts: bool | None = None) -> int:
             return BF16Linear.from_linear(linear)
         if Int4Linear.supports(linear):
             int4 += 1
-            return (Int4Linear if int4_prompts else SplitLinear).from_linear(linear)
+            if int4_prompts:
+                return Int4Linear.from_linear(linear, eight_bit_inputs)
+            return SplitLinear.from_linear(linear)
         bf16_only += 1
         return BF16Linear.from_linear(linear)
 
     _replace_linears(model, convert)
     logger.info(
-        "quantized %d linear layers to int4 for %s, %d others to bfloat16",
+        "quantized %d linear layers to int4%s for %s, %d others to bfloat16",
         int4,
+        " with 8-bit inputs (w4a8)" if eight_bit_inputs else "",
         "every token, the output layer to bfloat16"
         if int4_prompts
         else "generated tokens and bfloat16 for prompts, the output layer to int8 and bfloat16",
@@ -553,14 +575,16 @@ def quantize_int4(model: nn.Module, int4_prompts: bool | None = None) -> int:
 
 
 def quantize(model: nn.Module, mode: str, *, int4_prompts: bool | None = None) -> nn.Module:
-    """Apply a resolved quantization mode ("none", "int8", "bf16", "int4") to `model` in place
-    (`int4_prompts`: see quantize_int4)."""
+    """Apply a resolved quantization mode ("none", "int8", "bf16", "int4", "w4a8") to `model` in
+    place (`int4_prompts`: see quantize_int4)."""
     if mode == "int8":
         quantize_int8(model)
     elif mode == "bf16":
         quantize_bf16(model)
     elif mode == "int4":
         quantize_int4(model, int4_prompts)
+    elif mode == "w4a8":
+        quantize_int4(model, eight_bit_inputs=True)
     elif mode != "none":
         raise ValueError(f"unknown quantization mode {mode!r}")
     return model
