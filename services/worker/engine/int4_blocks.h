@@ -4,6 +4,8 @@
 #ifndef CHATFLEET_INT4_BLOCKS_H
 #define CHATFLEET_INT4_BLOCKS_H
 #include <stdint.h>
+#include <string.h>
+#include "bf16.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -19,6 +21,24 @@ static inline __m512 load_bf16x16(const void *p) {
 #define GROUP_BYTES (CODE_BYTES + 2 * TILE * 2)    /* codes, scales, zeros: 320 */
 #define MAX_ROWS 8
 #define MAX_TILES 8
+
+/* A block's float32 totals (R rows by C tiles) to its bf16 outputs. */
+static inline void store_block(const float total[MAX_ROWS][MAX_TILES][TILE], int R, int C,
+                               uint16_t *out, int64_t out_stride) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            for (int l = 0; l < TILE; l++)
+                out[r * out_stride + c * TILE + l] = float_to_bf16(total[r][c][l]);
+}
+
+/* Output `col`'s scale and zero in a laid-out group (the plain C builds). */
+static inline void group_params(const uint8_t *group, int col, float *scale, float *zero) {
+    uint16_t scale_bits, zero_bits;
+    memcpy(&scale_bits, group + CODE_BYTES + 2 * col, 2);
+    memcpy(&zero_bits, group + CODE_BYTES + 2 * TILE + 2 * col, 2);
+    *scale = bf16_to_float(scale_bits);
+    *zero = bf16_to_float(zero_bits);
+}
 
 /* Rows [0, m) in blocks of 8 (then 4, then the rest), each block over tiles [t0, t1) a few at a
  * time: as many independent sums as the registers hold. BLOCK(R, C) computes rows [r0, r0 + R)

@@ -107,10 +107,7 @@ static inline __attribute__((always_inline)) void block(
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++)
-            for (int l = 0; l < TILE; l++)
-                out[r * out_stride + c * TILE + l] = float_to_bf16(total[r][c][l]);
+    store_block(total, R, C, out, out_stride);
 }
 
 #define BLOCK(R, C)                                                                            \
@@ -132,10 +129,8 @@ static void product(const uint16_t *x, int64_t m, int64_t k, const uint8_t *w, i
                 float total = 0;
                 for (int64_t g = 0; g < groups; g++) {
                     const uint8_t *group = w + t * tile_bytes + g * GROUP_BYTES;
-                    uint16_t scale_bits, zero_bits;
-                    memcpy(&scale_bits, group + CODE_BYTES + 2 * col, 2);
-                    memcpy(&zero_bits, group + CODE_BYTES + 2 * TILE + 2 * col, 2);
-                    const float scale = bf16_to_float(scale_bits), zero = bf16_to_float(zero_bits);
+                    float scale, zero;
+                    group_params(group, col, &scale, &zero);
                     float part = 0;
                     for (int chunk = 0; chunk < CHUNKS; chunk++)
                         for (int i = 0; i < 4; i++) {

@@ -152,10 +152,7 @@ static inline __attribute__((always_inline)) void block(
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++)
-            for (int l = 0; l < TILE; l++)
-                out[r * out_stride + c * TILE + l] = float_to_bf16(total[r][c][l]);
+    store_block(total, R, C, out, out_stride);
 }
 
 #define BLOCK(R, C)                                                                            \
@@ -178,10 +175,8 @@ static void product(const int8_t *x8, int64_t m, int64_t k, const uint8_t *w, in
                 for (int64_t g = 0; g < groups; g++) {
                     const uint8_t *group = w + t * tile_bytes + g * GROUP_BYTES;
                     const int8_t *in = x8 + r * k + g * GROUP;
-                    uint16_t scale_bits, zero_bits;
-                    memcpy(&scale_bits, group + CODE_BYTES + 2 * col, 2);
-                    memcpy(&zero_bits, group + CODE_BYTES + 2 * TILE + 2 * col, 2);
-                    const float scale = bf16_to_float(scale_bits), zero = bf16_to_float(zero_bits);
+                    float scale, zero;
+                    group_params(group, col, &scale, &zero);
                     int32_t dot = 0;
                     for (int v = 0; v < VECTORS; v++)
                         for (int j = 0; j < 4; j++) {
