@@ -272,6 +272,16 @@ def test_explicit_bf16_warns_where_it_is_slow(caplog: pytest.LogCaptureFixture) 
     assert caplog.text == ""
 
 
+def test_w4a8_warns_without_avx512_vnni(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
+        resolve_quantization("w4a8", torch.device("cpu"), ModelKind.CAUSAL_LM, AVX2_ONLY)
+    assert "without avx512_vnni" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
+        resolve_quantization("w4a8", torch.device("cpu"), ModelKind.CAUSAL_LM, WITH_AMX)
+    assert caplog.text == ""
+
+
 def test_every_mode_states_whether_it_is_exact() -> None:
     modes = set(QUANTIZATIONS) - {"auto"}
     assert set(QUANTIZATION_EXACTNESS) == modes

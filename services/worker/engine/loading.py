@@ -461,13 +461,14 @@ def resolve_quantization(
 ) -> str:
     """auto -> for generative models on a CPU: bf16 with AMX or AVX512-BF16, else int8 with int8
     dot-product instructions, else none; none off the CPU and for encoders (embeddings stay
-    full precision). An explicit int8 or bf16 is kept, with a warning where it runs slower than
-    full precision."""
+    full precision). An explicit mode is kept, with a warning where it runs slower than full
+    precision."""
     from services.worker.engine.quantization import (
         BF16_MATMUL_FEATURES,
         INT8_DOT_FEATURES,
         bf16_matmul_is_fast,
         int8_matmul_is_fast,
+        w4a8_is_vectorized,
     )
 
     on_cpu = device.type == "cpu"
@@ -492,6 +493,11 @@ def resolve_quantization(
             "full precision here",
             requested,
             ", ".join(BF16_MATMUL_FEATURES),
+        )
+    if requested == "w4a8" and on_cpu and not w4a8_is_vectorized(cpu_features):
+        logger.warning(
+            "--quantization w4a8 on a CPU without avx512_vnni: its 4-bit kernel takes a plain C "
+            "loop here, slower than int4 or full precision"
         )
     if requested == "int8" and on_cpu and not int8_matmul_is_fast(cpu_features):
         logger.warning(

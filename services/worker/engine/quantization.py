@@ -90,6 +90,14 @@ def int8_matmul_is_fast(features: Mapping[str, object] | None = None) -> bool:
     return any(bool(features.get(name, False)) for name in INT8_DOT_FEATURES)
 
 
+def w4a8_is_vectorized(features: Mapping[str, object] | None = None) -> bool:
+    """Whether this CPU (or the given capabilities mapping) has AVX512-VNNI, which the vector
+    build of w4a8's kernel (int4_q8_kernel.c) needs; without it a plain C loop runs."""
+    if features is None:
+        features = torch.cpu.get_capabilities()
+    return bool(features.get("avx512_vnni", False))
+
+
 def bf16_matmul_is_fast(features: Mapping[str, object] | None = None) -> bool:
     """Whether this CPU (or the given capabilities mapping) multiplies bfloat16 in hardware
     (AMX tiles or AVX512-BF16)."""
