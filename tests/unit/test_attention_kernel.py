@@ -194,14 +194,26 @@ def test_rope_attention_is_the_torch_paths_rotation_cache_writes_and_attention(
     assert torch.equal(out, want.to(torch.bfloat16).flatten(1))
 
 
-def test_dot_pairs_are_float32_dot_products_of_bf16_rows(glue: LayerGlue) -> None:
+def test_near_ties_are_recomputed_as_float32_dot_products_and_nothing_else(
+    glue: LayerGlue,
+) -> None:
+    """Random rows: every logit within two bf16 steps of its row's largest (a step: 2^-7 of the
+    largest's power of two) becomes the float32 dot product; every other keeps its value."""
     torch.manual_seed(7)
-    x = torch.randn(3, 64).to(torch.bfloat16)
-    weight = torch.randn(20, 64).to(torch.bfloat16)
-    rows, cols = torch.tensor([0, 2, 2, 1]), torch.tensor([19, 0, 7, 7])
-    got = glue.dot_pairs(x, weight, rows, cols)
-    want = (x.double()[rows] * weight.double()[cols]).sum(-1)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-6)
+    base = torch.randn(64)
+    x = (base + 0.1 * torch.randn(5, 64)).to(torch.bfloat16)
+    weight = torch.randn(1000, 64) * 0.4
+    weight[:20] = base + 0.01 * torch.randn(20, 64)  # logits of ~64, a few steps apart
+    weight = weight.to(torch.bfloat16)
+    exact = x.double() @ weight.double().T
+    rounded = exact.float().to(torch.bfloat16).float()
+    top = rounded.max(dim=-1, keepdim=True).values
+    step = torch.exp2(torch.floor(torch.log2(top.abs())) - 7)
+    near = rounded >= top - 2 * step
+    assert int(near.sum()) > len(x)  # more than the largest alone in some row
+    refined = glue.refine_near_ties(rounded.clone(), x, weight)
+    torch.testing.assert_close(refined[near].double(), exact[near], atol=1e-5, rtol=1e-6)
+    assert torch.equal(refined[~near], rounded[~near])
 
 
 def test_near_ties_the_bf16_output_rounding_made_are_decided_in_float32(glue: LayerGlue) -> None:

@@ -142,27 +142,27 @@ class LayerGlue:
             int64, int64, int64, int64, c_float, pointer, pointer, pointer,
         ]  # fmt: skip
         self._rope.restype = ctypes.c_int
-        self._dots = library.chatfleet_dot_pairs
-        self._dots.argtypes = [pointer, pointer, int64, pointer, pointer, int64, pointer]
-        self._dots.restype = None
+        self._ties = library.chatfleet_refine_near_ties
+        self._ties.argtypes = [pointer, int64, int64, pointer, pointer, int64]
+        self._ties.restype = None
 
     @staticmethod
     def supports(hidden: int, intermediate: int, head_dim: int) -> bool:
         return hidden % 32 == 0 and intermediate % LANES == 0 and head_dim % LANES == 0
 
-    def dot_pairs(
-        self, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    def refine_near_ties(
+        self, logits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     ) -> torch.Tensor:
-        """float32 x[rows[j]] . weight[cols[j]] for bf16 x [n, d] and weight [m, d]."""
+        """In place: the logits [n, vocab] (float32, from bf16 x [n, d] times weight [vocab, d]
+        rounded to bf16) within two bf16 steps of their row's largest, recomputed as float32
+        dot products (runner.refine_near_ties says why)."""
+        n, vocab = logits.shape
         d = x.shape[1]
-        assert x.is_contiguous() and weight.is_contiguous() and weight.shape[1] == d
-        rows, cols = rows.contiguous(), cols.contiguous()
-        out = torch.empty(len(rows), dtype=torch.float32)
-        self._dots(
-            x.data_ptr(), weight.data_ptr(), d, rows.data_ptr(), cols.data_ptr(), len(rows),
-            out.data_ptr(),
-        )  # fmt: skip
-        return out
+        assert logits.is_contiguous() and logits.dtype == torch.float32
+        assert x.is_contiguous() and weight.is_contiguous() and weight.shape == (vocab, d)
+        assert x.dtype == weight.dtype == torch.bfloat16 and len(x) == n
+        self._ties(logits.data_ptr(), n, vocab, x.data_ptr(), weight.data_ptr(), d)
+        return logits
 
     def add_rms_norm(
         self,

@@ -19,6 +19,7 @@
  * last bits differ from other CPUs'. (The served bf16 modes keep float32 queries over a bf16
  * cache: bf16 queries changed the default model's answers.)
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include "bf16.h"
@@ -415,24 +416,42 @@ int chatfleet_rope_attention(const uint16_t *qkv, int64_t n, const float *cos, c
                   positions, n, heads, kv_heads, head_dim, capacity, scale, 0, 1, 1, scores);
 }
 
-/* out[j] = x[rows[j]] . w[cols[j]] in float32 for bf16 rows x [., d] and w [., d] (d a multiple
- * of 32): single logits recomputed without the bf16 rounding of oneDNN's output (runner.py),
- * each in one fixed order. */
-void chatfleet_dot_pairs(const uint16_t *x, const uint16_t *w, int64_t d, const int64_t *rows,
-                         const int64_t *cols, int64_t count, float *out) {
-    for (int64_t j = 0; j < count; j++) {
-        const uint16_t *a = x + rows[j] * d, *b = w + cols[j] * d;
+/* x . w in float32 for bf16 rows of d (a multiple of 32) elements, in one fixed order. */
+static float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t d) {
 #ifdef BF16_DOT
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t c = 0; c < d; c += 32)
-            sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(a + c),
-                                   (__m512bh)_mm512_loadu_si512(b + c));
-        out[j] = lane_sum((vfloat)sum);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 32)
+        sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(a + c),
+                               (__m512bh)_mm512_loadu_si512(b + c));
+    return lane_sum((vfloat)sum);
 #else
-        vfloat sum = splat(0.0f);
-        for (int64_t c = 0; c < d; c += LANES)
-            sum = sum + load_vector(a, c, 1) * load_vector(b, c, 1);
-        out[j] = lane_sum(sum);
+    vfloat sum = splat(0.0f);
+    for (int64_t c = 0; c < d; c += LANES) sum = sum + load_vector(a, c, 1) * load_vector(b, c, 1);
+    return lane_sum(sum);
 #endif
+}
+
+/* logits [n, vocab] (x [n, d] bf16 times w [vocab, d] bf16, rounded to bf16 by oneDNN): in
+ * place, each logit within two bf16 steps of its row's largest recomputed as the float32 dot
+ * product (runner.py's refine_near_ties). A step is 2^(e - 8) for the largest |logit| in
+ * [2^(e-1), 2^e); which logits are recomputed depends on the row alone. */
+void chatfleet_refine_near_ties(float *logits, int64_t n, int64_t vocab, const uint16_t *x,
+                                const uint16_t *w, int64_t d) {
+    enum { SPAN = 64 };
+    for (int64_t r = 0; r < n; r++) {
+        float *row = logits + r * vocab;
+        float top = row[0];
+        for (int64_t j = 1; j < vocab; j++) top = row[j] > top ? row[j] : top;
+        int exponent;
+        frexpf(fmaxf(fabsf(top), 1e-30f), &exponent);
+        const float bar = top - 2.0f * ldexpf(1.0f, exponent - 8);
+        for (int64_t j0 = 0; j0 < vocab; j0 += SPAN) {
+            const int64_t end = j0 + SPAN < vocab ? j0 + SPAN : vocab;
+            int hit = 0;
+            for (int64_t j = j0; j < end; j++) hit |= row[j] >= bar;
+            if (!hit) continue;
+            for (int64_t j = j0; j < end; j++)
+                if (row[j] >= bar) row[j] = dot_bf16(x + r * d, w + j * d, d);
+        }
     }
 }

@@ -903,12 +903,9 @@ def refine_near_ties(
     output may have changed: those within two bf16 steps of their row's largest. A step is 0.125
     at a logit of 25, and a small model's top two tokens can be closer than that (the default
     model's first answer to "What is the capital of France?" is one such tie). Which entries are
-    recomputed depends on the row alone: still batch-invariant."""
-    top = logits.max(dim=-1, keepdim=True).values
-    step = torch.exp2(torch.floor(torch.log2(top.abs().clamp(min=1e-30))) - 7)
-    rows, cols = torch.nonzero(logits >= top - 2 * step, as_tuple=True)
-    logits[rows, cols] = glue.dot_pairs(x, weight, rows, cols)
-    return logits
+    recomputed depends on the row alone: still batch-invariant. One compiled pass a row (the
+    torch version, a max, a comparison and a gather, cost 1.6 ms a step at 16 rows)."""
+    return glue.refine_near_ties(logits, x, weight)
 
 
 def _takes_bf16(layer: nn.Module) -> bool:
