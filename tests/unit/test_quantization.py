@@ -262,23 +262,18 @@ def test_quantization_follows_the_cpu(
     assert resolve_quantization(requested, torch.device(device), kind, features) == expected
 
 
-def test_explicit_bf16_warns_where_it_is_slow(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("mode", "warning"), [("bf16", "without amx_bf16"), ("w4a8", "without avx512_vnni")]
+)
+def test_explicit_modes_warn_where_they_are_slow(
+    caplog: pytest.LogCaptureFixture, mode: str, warning: str
+) -> None:
     with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
-        resolve_quantization("bf16", torch.device("cpu"), ModelKind.CAUSAL_LM, AVX2_ONLY)
-    assert "without amx_bf16" in caplog.text
+        resolve_quantization(mode, torch.device("cpu"), ModelKind.CAUSAL_LM, AVX2_ONLY)
+    assert warning in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
-        resolve_quantization("bf16", torch.device("cpu"), ModelKind.CAUSAL_LM, WITH_AMX)
-    assert caplog.text == ""
-
-
-def test_w4a8_warns_without_avx512_vnni(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
-        resolve_quantization("w4a8", torch.device("cpu"), ModelKind.CAUSAL_LM, AVX2_ONLY)
-    assert "without avx512_vnni" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="services.worker.engine.loading"):
-        resolve_quantization("w4a8", torch.device("cpu"), ModelKind.CAUSAL_LM, WITH_AMX)
+        resolve_quantization(mode, torch.device("cpu"), ModelKind.CAUSAL_LM, WITH_AMX)
     assert caplog.text == ""
 
 
