@@ -219,8 +219,6 @@ def test_near_ties_are_recomputed_as_float32_dot_products_and_nothing_else(
 def test_near_ties_the_bf16_output_rounding_made_are_decided_in_float32(glue: LayerGlue) -> None:
     """Two logits of 25.28125 and 25.3125 both round to 25.25 in bf16, where the first one would
     win argmax; recomputed, the larger one does. Entries far from the top keep their values."""
-    from services.worker.engine.runner import refine_near_ties
-
     x = torch.zeros(2, 64, dtype=torch.bfloat16)
     x[:, :2] = 1.0
     weight = torch.zeros(12, 64, dtype=torch.bfloat16)
@@ -229,7 +227,7 @@ def test_near_ties_the_bf16_output_rounding_made_are_decided_in_float32(glue: La
     weight[9, :2] = torch.tensor([25.25, 0.0625])
     rounded = (x.float() @ weight.float().T).to(torch.bfloat16).float()
     assert rounded[0, 5] == rounded[0, 9] == 25.25 and int(rounded[0].argmax()) == 5
-    refined = refine_near_ties(glue, rounded.clone(), x, weight)
+    refined = glue.refine_near_ties(rounded.clone(), x, weight)
     assert refined[0, 9] == 25.3125 and refined[0, 5] == 25.28125
     assert int(refined[0].argmax()) == int(refined[1].argmax()) == 9
     far = rounded < 20

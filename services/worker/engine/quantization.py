@@ -290,10 +290,12 @@ class Int4Linear(_PackedLinear):
     """4-bit weights in groups of INT4_GROUP input features, w = (code - 8) * scale + zero with a
     bfloat16 scale and zero per group and output feature; bfloat16 activations, float32
     accumulation, bfloat16 results: int4_kernel.c (attention.Int4Product), or
-    torch._weight_int4pack_mm_for_cpu where it cannot be built. A GGUF Q4_0 / Q4_1 / Q4_K tensor
-    is such a grid already (16 levels per block of 32), so its codes come back as they are in the
-    file and only the scales are rounded to bfloat16. Both kernels compute each output row from
-    its input row alone, in the same order for any number of rows: batch-invariant (tested).
+    torch._weight_int4pack_mm_for_cpu where it cannot be built; with `eight_bit_inputs` (the
+    w4a8 mode) int4_q8_kernel.c, which rounds the inputs to 8 bits per group first. A GGUF
+    Q4_0 / Q4_1 / Q4_K tensor is such a grid already (16 levels per block of 32), so its codes
+    come back as they are in the file and only the scales are rounded to bfloat16. Every kernel
+    computes each output row from its input row alone, in the same order for any number of rows:
+    batch-invariant (tested).
     torch's costs twice oneDNN's bf16 per row at 8 rows; the compiled one less than bf16 up to
     8 rows and about as much at 16 (bench/README.md)."""
 
@@ -547,7 +549,7 @@ def quantize_int4(
     except (RuntimeError, AttributeError) as error:
         raise ValueError(f"int4 matrix products are not available here: {error}") from error
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise ValueError("int4 mode runs prompts on bfloat16 oneDNN products: not available here")
+        raise ValueError("the int4 modes' bf16 layers need oneDNN bfloat16 products: not here")
     if eight_bit_inputs:
         int4_prompts = True
     elif int4_prompts is None:

@@ -227,13 +227,10 @@ class PackedRunner(ModelRunner):
         # Per-head q/k norms (Qwen3) sit between the projection and the rotation; without them
         # q and k are rotated together, in one pass over both.
         self._qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
-        # int4 quantization: generated and prompt positions take different kernels (SplitLinear)
-        # in the output layer, and in the decoder layers too where prompts take bf16: only
-        # blocks of prompt positions are then the same as a later prompt would compute.
+        # int4 quantization with bf16 prompts: generated and prompt positions take different
+        # kernels (SplitLinear), so only blocks of prompt positions are the same as a later
+        # prompt would compute. (With 4-bit prompts no layer is split.)
         self._split = any(isinstance(m, SplitLinear) for m in model.modules())
-        self._prompt_blocks_only = any(
-            isinstance(m, SplitLinear) for layer in self.layers for m in layer.modules()
-        )
         # On the CPU, attention is one batch-invariant kernel call per layer (attention.py);
         # elsewhere, or where it cannot be built, SDPA per block (_attention_groups).
         self._attention: CpuAttention | None = None
@@ -546,14 +543,14 @@ class PackedRunner(ModelRunner):
         assert glue is not None and weight is not None
         if generated is None:
             logits = _bf16_product(self.model.lm_head, picked, None).float()
-            return refine_near_ties(glue, logits, picked, weight)
+            return glue.refine_near_ties(logits, picked, weight)
         # int4: 8-bit weights for generated rows, bf16 for prompt rows (refined: their logits
         # sample a request's first token).
         split = self._row_split(generated)
         logits = _linear(self.model.lm_head, picked.float(), split).float()
         if len(split.prompt):
-            logits[split.prompt] = refine_near_ties(
-                glue, logits[split.prompt], picked[split.prompt].contiguous(), weight
+            logits[split.prompt] = glue.refine_near_ties(
+                logits[split.prompt], picked[split.prompt].contiguous(), weight
             )
         return logits
 
@@ -644,9 +641,7 @@ class PackedRunner(ModelRunner):
             return 0
         size = prefix.block_size
         shareable = (
-            token_ids
-            if not self._prompt_blocks_only or prompt_length is None
-            else token_ids[:prompt_length]
+            token_ids if not self._split or prompt_length is None else token_ids[:prompt_length]
         )
         chain = prefix.match(shareable)
         # At least the last token is computed: its logits are what the sequence samples from.
@@ -686,7 +681,7 @@ class PackedRunner(ModelRunner):
                 del tokens[item.start :]
                 del chain[item.start // size :]
             shared = item.token_ids
-            if self._prompt_blocks_only and item.prompt_length is not None:
+            if self._split and item.prompt_length is not None:
                 shared = shared[: max(0, item.prompt_length - item.start)]
                 if not shared:
                     continue
@@ -894,18 +889,6 @@ def _linear(layer: nn.Module, x: torch.Tensor, split: RowSplit | None) -> torch.
 def _flip_halves(x: torch.Tensor) -> torch.Tensor:
     """[x1, x2] -> [x2, x1] along the last dimension (rotate_half without its sign)."""
     return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-
-
-def refine_near_ties(
-    glue: LayerGlue, logits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
-    """Recompute in float32 (in place) the logits whose order the bf16 rounding of oneDNN's
-    output may have changed: those within two bf16 steps of their row's largest. A step is 0.125
-    at a logit of 25, and a small model's top two tokens can be closer than that (the default
-    model's first answer to "What is the capital of France?" is one such tie). Which entries are
-    recomputed depends on the row alone: still batch-invariant. One compiled pass a row (the
-    torch version, a max, a comparison and a gather, cost 1.6 ms a step at 16 rows)."""
-    return glue.refine_near_ties(logits, x, weight)
 
 
 def _takes_bf16(layer: nn.Module) -> bool:
